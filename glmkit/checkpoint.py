@@ -1,0 +1,291 @@
+"""SAT checkpoint I/O: inspect, read safely, load one rank's (resharded) state dict, save and repack.
+
+Layout (SAT inference checkpoints):
+    <dir>/latest                                   the iteration number, or the word `release`
+    <dir>/<iteration>/mp_rank_XX_model_states.pt  torch-pickled {"module": state_dict, ...} per tensor-parallel rank
+    <dir>/model_config.json                        optional architecture arguments
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import GLMConfig
+from .tensor_parallel import reshard_tensor, shard_shape, source_ranks
+
+SHARD_NAME = "mp_rank_{:02d}_model_states.pt"
+_SHARD_RE = re.compile(r"mp_rank_(\d{2,})_model_states\.pt")
+
+# Rotary inv_freq buffers saved by SAT (two spellings across versions); the model recomputes them.
+_IGNORED_KEYS = re.compile(r"mixins\.rotary-embedding\.rotary_emb\.inv_freq"
+                           r"|transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq")
+
+# The only non-tensor globals official files need: DeepSpeed/SAT store the run's argparse args next to `module`.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint folder holds, found without reading any tensors."""
+
+    dir: Path
+    iteration: str  # the folder name under dir: a number or "release"
+    shard_paths: tuple[Path, ...]  # indexed by tensor-parallel rank
+    num_shards: int
+    model_config: dict | None
+
+
+def inspect_checkpoint(dir: str | Path) -> CheckpointInfo:
+    """Describe the checkpoint in `dir`; raise if `latest`, the iteration folder or any rank file is missing."""
+    root = Path(dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {root} does not exist")
+    latest = root / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{latest} is missing; a SAT checkpoint folder needs a `latest` file holding "
+                                f"the iteration number (or `release`)")
+    iteration = latest.read_text().strip()
+    if iteration != "release" and not iteration.isdigit():
+        raise ValueError(f"{latest} holds {iteration!r}; expected an iteration number or `release`")
+    folder = root / iteration
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{latest} names iteration {iteration!r} but folder {folder} does not exist")
+    ranks = sorted(int(m.group(1)) for p in folder.iterdir() if (m := _SHARD_RE.fullmatch(p.name)))
+    if not ranks:
+        raise FileNotFoundError(f"no {SHARD_NAME.format(0).replace('00', 'XX')} files in {folder}")
+    num_shards = ranks[-1] + 1
+    missing = sorted(set(range(num_shards)) - set(ranks))
+    if missing:
+        names = ", ".join(str(folder / SHARD_NAME.format(r)) for r in missing)
+        raise FileNotFoundError(f"checkpoint in {folder} has ranks up to {num_shards - 1} but is missing {names}")
+    model_config = None
+    config_path = root / "model_config.json"
+    if config_path.is_file():
+        try:
+            model_config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    return CheckpointInfo(dir=root, iteration=iteration,
+                          shard_paths=tuple(folder / SHARD_NAME.format(r) for r in range(num_shards)),
+                          num_shards=num_shards, model_config=model_config)
+
+
+def is_ignored_key(name: str) -> bool:
+    """True for checkpoint entries that are accepted but dropped (rotary inv_freq buffers)."""
+    return _IGNORED_KEYS.fullmatch(name) is not None
+
+
+def read_shard(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read one shard file's `module` state dict (memory-mapped when possible) without unpickling code."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # New-style torch.save files are zip archives and can be memory-mapped; legacy files cannot.
+    is_zip = magic == b"PK\x03\x04"
+    if is_zip and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is truncated or corrupt (its zip archive has no end record); copy it again")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found:
+            raise ValueError(f"{path} contains the global {found.group(1)}, which glmkit refuses to unpickle; "
+                             f"checkpoints may hold only tensors, plain containers and argparse.Namespace")
+        # torch's message suggests weights_only=False, which would run arbitrary code; keep only the cause.
+        cause = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        raise ValueError(f"{path} is truncated or corrupt: {cause}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is truncated or corrupt: {error}") from None
+    if not isinstance(data, dict) or "module" not in data:
+        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} has no `module` entry (found {found}); expected a SAT model_states file")
+    module = data["module"]
+    if not isinstance(module, dict):
+        raise ValueError(f"{path}: `module` is a {type(module).__name__}, expected a state dict")
+    state = {}
+    for name, value in module.items():
+        if is_ignored_key(name):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, expected a tensor")
+        state[name] = value
+    return state
+
+
+def expected_shapes(config: GLMConfig, world_size: int = 1) -> dict[str, tuple[int, ...]]:
+    """Per-rank shape of every parameter of a `world_size`-way model (world_size=1: the full shapes)."""
+    config.check_shardable(world_size)
+    h, f, v = config.hidden_size, config.inner_hidden_size, config.vocab_size
+    full = {"transformer.word_embeddings.weight": (v, h)}
+    for i in range(config.num_layers):
+        p = f"transformer.layers.{i}."
+        full.update({
+            p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
+            p + "attention.query_key_value.weight": (3 * h, h), p + "attention.query_key_value.bias": (3 * h,),
+            p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
+            p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
+            p + "mlp.dense_h_to_4h.weight": (2 * f, h), p + "mlp.dense_h_to_4h.bias": (2 * f,),
+            p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,),
+        })
+    full.update({"transformer.final_layernorm.weight": (h,), "transformer.final_layernorm.bias": (h,)})
+    return {name: shard_shape(name, shape, world_size) for name, shape in full.items()}
+
+
+def _check_shard(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    """Raise unless `state` has exactly the expected names and shapes."""
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model config: missing keys {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
+                         f"{' ...' if len(unexpected) > 20 else ''} (is the config right for this checkpoint?)")
+    for name, shape in shapes.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {shape} "
+                             f"(is the config right for this checkpoint?)")
+
+
+def _check_shard_count(config: GLMConfig, num_shards: int, what: str) -> None:
+    try:
+        config.check_shardable(num_shards)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
+
+
+def load_rank_state_dict(dir: str | Path, config: GLMConfig, rank: int = 0, world_size: int = 1,
+                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """State dict of rank `rank` in a `world_size`-way model, reading only the checkpoint shards it overlaps.
+
+    Tensors may be views of memory-mapped files. `dtype` casts floating-point tensors only, so quantized
+    integer weights keep their type.
+    """
+    _check_shard_count(config, world_size, f"cannot load as {world_size} tensor-parallel ranks")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is out of range for world size {world_size}")
+    info = inspect_checkpoint(dir)
+    try:
+        config.check_shardable(info.num_shards)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {info.dir} has {info.num_shards} shards, which this config cannot have "
+                         f"({error}); the config probably does not describe this checkpoint") from None
+    needed = source_ranks(rank, world_size, info.num_shards)
+    shapes = expected_shapes(config, info.num_shards)
+    sources = []
+    for j in needed:
+        state = read_shard(info.shard_paths[j])
+        _check_shard(state, shapes, info.shard_paths[j])
+        sources.append(state)
+    result = {}
+    for name in shapes:
+        tensor = reshard_tensor(name, [s[name] for s in sources], info.num_shards, rank, world_size)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        result[name] = tensor
+    return result
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor owning exactly its storage, so torch.save does not write a whole mmapped file."""
+    tensor = tensor.detach()
+    owns_storage = (tensor.is_contiguous() and tensor.storage_offset() == 0
+                    and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+    return tensor if owns_storage else tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _write_shard(path: Path, state: dict[str, torch.Tensor]) -> None:
+    # Write to a temporary name first so an interrupted save never leaves a truncated shard behind.
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"module": {name: _standalone(t) for name, t in state.items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def _iteration_folder(dir: Path, iteration: int | str) -> Path:
+    if not (iteration == "release" or (isinstance(iteration, int) and iteration >= 0)):
+        raise ValueError(f"iteration must be a non-negative int or 'release', got {iteration!r}")
+    folder = dir / str(iteration)
+    if folder.is_dir() and any(_SHARD_RE.fullmatch(p.name) for p in folder.iterdir()):
+        raise FileExistsError(f"{folder} already holds shard files; save into a new folder or iteration")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _finish(dir: Path, iteration: int | str, model_config: dict | None) -> None:
+    if model_config is not None:
+        (dir / "model_config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+    # `latest` is written last: a folder without it is visibly incomplete.
+    (dir / "latest").write_text(f"{iteration}\n")
+
+
+def save_checkpoint(dir: str | Path, shard_state_dicts: Sequence[dict[str, torch.Tensor]],
+                    iteration: int | str = 1, model_config: dict | None = None) -> None:
+    """Write shard state dicts (index = rank) in the SAT layout: latest, <iteration>/mp_rank_XX_model_states.pt."""
+    if not shard_state_dicts:
+        raise ValueError("need at least one shard state dict to save")
+    root = Path(dir)
+    folder = _iteration_folder(root, iteration)
+    for rank, state in enumerate(shard_state_dicts):
+        _write_shard(folder / SHARD_NAME.format(rank), state)
+    _finish(root, iteration, model_config)
+
+
+def repack_checkpoint(src: str | Path, dst: str | Path, num_shards: int, config: GLMConfig) -> None:
+    """Write a `num_shards`-way copy of checkpoint `src` into the new or empty folder `dst`, one rank at a time."""
+    src, dst = Path(src), Path(dst)
+    info = inspect_checkpoint(src)
+    _check_shard_count(config, num_shards, f"cannot repack into {num_shards} shards")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"repack destination {dst} is the source folder; choose a new, empty folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"repack destination {dst} is not an empty folder; choose a new, empty folder")
+    folder = _iteration_folder(dst, int(info.iteration) if info.iteration.isdigit() else info.iteration)
+    for rank in range(num_shards):
+        # Peak memory: this target shard plus the (memory-mapped) source shards it overlaps.
+        state = load_rank_state_dict(src, config, rank, num_shards)
+        _write_shard(folder / SHARD_NAME.format(rank), state)
+        del state
+    model_config = info.model_config
+    if model_config is not None and "model_parallel_size" in model_config:
+        model_config = {**model_config, "model_parallel_size": num_shards}
+    _finish(dst, info.iteration, model_config)
+
+
+def config_from_checkpoint(dir: str | Path, **overrides) -> GLMConfig:
+    """GLMConfig from model_config.json, filling layers/hidden/vocab/inner from shard 0's shapes if absent."""
+    info = inspect_checkpoint(dir)
+    fields = set(GLMConfig.__dataclass_fields__)
+    raw = info.model_config or {}
+    values = {k: v for k, v in raw.items() if k in fields and v is not None}
+    if "num_attention_heads" not in values and raw.get("hidden_size_per_attention_head") and "hidden_size" in raw:
+        values["num_attention_heads"] = raw["hidden_size"] // raw["hidden_size_per_attention_head"]
+    values.update(overrides)
+    shape_fields = ("num_layers", "hidden_size", "vocab_size", "inner_hidden_size")
+    if any(k not in values for k in shape_fields):
+        state = read_shard(info.shard_paths[0])
+        n = info.num_shards
+        try:
+            vocab, hidden = state["transformer.word_embeddings.weight"].shape  # (vocab/n, h)
+            inferred = {
+                "num_layers": len({int(m.group(1)) for k in state
+                                   if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}),
+                "hidden_size": hidden,
+                "vocab_size": vocab * n,
+                "inner_hidden_size": state["transformer.layers.0.mlp.dense_4h_to_h.weight"].shape[1] * n,
+            }
+        except KeyError as error:
+            raise ValueError(f"cannot infer the model config from {info.shard_paths[0]}: no {error} entry; "
+                             f"pass a GLMConfig instead") from None
+        values = {**inferred, **values}
+    if "num_attention_heads" not in values:
+        raise ValueError(f"the number of attention heads of {info.dir} cannot be inferred from tensor shapes and "
+                         f"model_config.json does not give it; pass num_attention_heads=... or use a preset")
+    return GLMConfig.from_dict(values)

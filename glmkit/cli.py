@@ -1,0 +1,116 @@
+"""The `glmkit` command: generate text, and inspect or repack SAT checkpoints."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .config import load_config
+
+
+def _generate(args) -> int:
+    from .pipeline import GLMPipeline
+
+    overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v}
+    started = time.perf_counter()
+    pipeline = GLMPipeline.from_config(args.config, **overrides)
+    loaded = time.perf_counter()
+    kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                  do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  num_beams=args.num_beams, length_penalty=args.length_penalty,
+                  no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=args.repetition_penalty,
+                  stop=tuple(args.stop), seed=args.seed)
+
+    def stream(event):
+        print(event.text, end="", flush=True)
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.stream:
+        print(prompt, end="", flush=True)
+    result = pipeline.generate(prompt, on_text=stream if args.stream else None, **kwargs)
+    done = time.perf_counter()
+    if args.json:
+        print(json.dumps({"prompt": result.prompt, "text": result.text,
+                          "blanks": [b.text for b in result.blanks], "finish_reason": result.finish_reason,
+                          "prompt_tokens": result.num_prompt_tokens,
+                          "generated_tokens": result.num_generated_tokens,
+                          "load_seconds": round(loaded - started, 3),
+                          "generate_seconds": round(done - loaded, 3)}, ensure_ascii=False))
+    elif args.stream:
+        print()
+    else:
+        print(result.text)
+    return 0
+
+
+def _repack(args) -> int:
+    from .checkpoint import repack_checkpoint
+
+    config = load_config(args.config).model
+    repack_checkpoint(args.src, args.dst, args.shards, config)
+    print(f"wrote {args.shards} shard(s) to {args.dst}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from .checkpoint import inspect_checkpoint
+
+    info = inspect_checkpoint(args.dir)
+    print(json.dumps({"dir": str(info.dir), "iteration": info.iteration, "num_shards": info.num_shards,
+                      "shards": [str(p) for p in info.shard_paths], "model_config": info.model_config},
+                     indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="glmkit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="fill the [MASK]/[sMASK]/[gMASK] blanks of a prompt")
+    gen.add_argument("prompt", help="the prompt; '-' reads it (newlines included) from standard input")
+    gen.add_argument("--config", default="glm-tiny", help="config name under configs/ or a YAML path")
+    gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
+    gen.add_argument("--device")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--min-new-tokens", type=int, default=0)
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--length-penalty", type=float, default=1.0)
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    gen.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    gen.set_defaults(run=_generate)
+
+    repack = commands.add_parser("repack", help="rewrite a SAT checkpoint with another shard count")
+    repack.add_argument("src")
+    repack.add_argument("dst")
+    repack.add_argument("--shards", type=int, required=True)
+    repack.add_argument("--config", default="glm-130b", help="config naming the model architecture")
+    repack.set_defaults(run=_repack)
+
+    inspect = commands.add_parser("inspect", help="show a SAT checkpoint's iteration, shards and config")
+    inspect.add_argument("dir")
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse `argv` and run the command, turning user errors into one-line messages."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"glmkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Token-level GLM generation: GLM attention masks and positions, a KV-cached decode loop, beam search.
+
+A `Context` is one sequence ending in `sop`. Everything before `sop` attends bidirectionally; from
+`sop` on attention is causal. For `[MASK]`/`[sMASK]` every position from `sop` on is pinned to the
+mask's position; for `[gMASK]` positions keep counting. Text-level blank filling lives in `infilling`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .model import GLM, KVCache
+from .sampling import (GenerationSettings, apply_penalties, ban_tokens, choose_next,
+                       repeated_ngram_bans)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Token ids ending in sop, and the position generation is pinned to (None for [gMASK])."""
+
+    tokens: tuple[int, ...]
+    pinned_position: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability and the most likely alternatives at that step."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class TokenOutput:
+    """What one context produced: generated ids (no end token), why it stopped, optional logprobs."""
+
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "end" (eop/eos), "stop" (a stop string), or "length"
+    logprobs: list[TokenLogprob] | None = None
+
+
+# Callbacks the text layer provides: stop(index, tokens) -> bool; on_token(index, token, logprob|None).
+StopCheck = Callable[[int, list[int]], bool]
+TokenCallback = Callable[[int, int, "TokenLogprob | None"], None]
+
+
+def prefill_inputs(contexts: list[Context], device) -> tuple[torch.Tensor, ...]:
+    """Left-padded ids, positions, the GLM mask (b, 1, L, L) and pad counts for a batch of contexts."""
+    length = max(len(c.tokens) for c in contexts)
+    ids = torch.zeros(len(contexts), length, dtype=torch.long)
+    positions = torch.zeros(len(contexts), length, dtype=torch.long)
+    pads = torch.tensor([length - len(c.tokens) for c in contexts])
+    for row, context in enumerate(contexts):
+        n = len(context.tokens)
+        ids[row, length - n:] = torch.tensor(context.tokens)
+        pos = torch.arange(n)
+        if context.pinned_position is not None:
+            pos[n - 1] = context.pinned_position
+        positions[row, length - n:] = pos
+    query = torch.arange(length)[:, None]
+    key = torch.arange(length)[None, :]
+    # Left padding puts every sop at index L-1: keys before it are context (visible to all),
+    # sop itself is visible only to itself and later tokens.
+    glm_mask = (key < length - 1) | (key <= query)  # (L, L)
+    allowed = glm_mask[None] & (key[None] >= pads[:, None, None])  # (b, L, L)
+    return ids.to(device), positions.to(device), allowed[:, None].to(device), pads
+
+
+def next_positions(contexts: list[Context], steps_done: int) -> torch.Tensor:
+    """Position id of the token fed after `steps_done` generated tokens, per context: (b,)."""
+    return torch.tensor([c.pinned_position if c.pinned_position is not None
+                         else len(c.tokens) - 1 + steps_done for c in contexts])
+
+
+def _logprob_record(log_probs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    top = ()
+    if top_n:
+        values, ids = torch.topk(log_probs, top_n)
+        top = tuple((int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token=token, logprob=float(log_probs[token]), top=top)
+
+
+def _make_generator(settings: GenerationSettings, device) -> torch.Generator | None:
+    if settings.seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(settings.seed)
+    return generator
+
+
+@torch.inference_mode()
+def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings,
+                    end_tokens: tuple[int, ...], stop: StopCheck | None = None,
+                    on_token: TokenCallback | None = None,
+                    should_abort: Callable[[], bool] | None = None) -> list[TokenOutput]:
+    """Greedy or sampled generation for a batch of contexts, sharing one KV cache."""
+    if settings.num_beams > 1:
+        return [beam_search(model, c, settings, end_tokens, stop=stop, index=i, on_token=on_token)
+                for i, c in enumerate(contexts)]
+    device = model.transformer.word_embeddings.weight.device
+    max_new = _room_for_new_tokens(model, contexts, settings)
+    ids, positions, allowed, pads = prefill_inputs(contexts, device)
+    length = ids.shape[1]
+    cache = KVCache.allocate(model, len(contexts), length + max_new)
+    logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1]  # (b, vocab)
+    generator = _make_generator(settings, device)
+    outputs = [TokenOutput(logprobs=[] if settings.wants_logprobs else None) for _ in contexts]
+    active = list(range(len(contexts)))  # context index of each cache row
+    for step in range(max_new):
+        history = [list(contexts[i].tokens) + outputs[i].tokens for i in active]
+        produced = [outputs[i].tokens for i in active]
+        scores = apply_penalties(logits.float(), history, produced, settings)
+        banned = [repeated_ngram_bans(h, settings.no_repeat_ngram_size) for h in history]
+        if step < settings.min_new_tokens:
+            banned = [b + list(end_tokens) for b in banned]
+        chosen = choose_next(ban_tokens(scores, banned), settings, generator).tolist()
+        raw_log_probs = logits.float().log_softmax(dim=-1) if settings.wants_logprobs else None
+        still_active = []
+        for row, (index, token) in enumerate(zip(active, chosen)):
+            output = outputs[index]
+            if token in end_tokens:
+                output.finish_reason = "end"
+                continue
+            record = None
+            if raw_log_probs is not None:
+                record = _logprob_record(raw_log_probs[row], token, settings.top_logprobs)
+                output.logprobs.append(record)
+            output.tokens.append(token)
+            if on_token is not None:
+                on_token(index, token, record)
+            if stop is not None and stop(index, output.tokens):
+                output.finish_reason = "stop"
+                continue
+            still_active.append((row, index))
+        aborted = should_abort is not None and should_abort()
+        if aborted:
+            for _, index in still_active:
+                outputs[index].finish_reason = "abort"
+        if not still_active or aborted or step == max_new - 1:
+            break
+        rows = torch.tensor([row for row, _ in still_active], device=device)
+        if len(still_active) < len(active):
+            # Drop finished rows from the cache so later steps only compute live sequences.
+            cache.reorder(rows)
+            pads = pads[rows.cpu()]
+        active = [index for _, index in still_active]
+        next_ids = torch.tensor([[chosen[row]] for row, _ in still_active], device=device)
+        start = length + step
+        step_positions = next_positions([contexts[i] for i in active], step + 1)[:, None].to(device)
+        step_allowed = (torch.arange(start + 1)[None, :] >= pads[:, None])[:, None, None].to(device)
+        logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1]
+    return outputs
+
+
+def _room_for_new_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings) -> int:
+    longest = max(len(c.tokens) for c in contexts)
+    # sop is the last context token and already occupies one position of the budget.
+    return max(1, min(settings.max_new_tokens, model.config.max_sequence_length - longest))
+
+
+@dataclass
+class _Beam:
+    tokens: list[int]
+    score: float
+    logprobs: list[TokenLogprob] | None
+
+
+@torch.inference_mode()
+def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_tokens: tuple[int, ...],
+                stop: StopCheck | None = None, index: int = 0,
+                on_token: TokenCallback | None = None) -> TokenOutput:
+    """Beam search over one context; the best hypothesis by length-normalised log probability."""
+    device = model.transformer.word_embeddings.weight.device
+    num_beams = settings.num_beams
+    max_new = _room_for_new_tokens(model, [context], settings)
+    ids, positions, allowed, _ = prefill_inputs([context], device)
+    length = ids.shape[1]
+    cache = KVCache.allocate(model, 1, length + max_new)
+    logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1]
+    cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))
+    logits = logits.expand(num_beams, -1)
+    keep_logprobs = settings.wants_logprobs
+    # Only the first beam is live at the start, so the first step does not pick one token n times.
+    beams = [_Beam([], 0.0 if b == 0 else float("-inf"), [] if keep_logprobs else None)
+             for b in range(num_beams)]
+    finished: list[tuple[float, _Beam, str]] = []
+
+    def normalised(beam: _Beam, extra: int = 0) -> float:
+        return beam.score / (max(1, len(beam.tokens) + extra) ** settings.length_penalty)
+
+    for step in range(max_new):
+        history = [list(context.tokens) + b.tokens for b in beams]
+        scores = apply_penalties(logits.float(), history, [b.tokens for b in beams], settings)
+        banned = [repeated_ngram_bans(h, settings.no_repeat_ngram_size) for h in history]
+        if step < settings.min_new_tokens:
+            banned = [b + list(end_tokens) for b in banned]
+        log_probs = ban_tokens(scores, banned).log_softmax(dim=-1)  # (beams, vocab)
+        raw = logits.float().log_softmax(dim=-1) if keep_logprobs else None
+        totals = torch.tensor([b.score for b in beams], device=device)[:, None] + log_probs
+        values, flat = torch.topk(totals.flatten(), 2 * num_beams)
+        survivors: list[tuple[int, _Beam]] = []
+        for value, position in zip(values.tolist(), flat.tolist()):
+            if value == float("-inf"):
+                break
+            source, token = divmod(position, log_probs.shape[1])
+            parent = beams[source]
+            records = None
+            if keep_logprobs:
+                records = parent.logprobs + [_logprob_record(raw[source], token, settings.top_logprobs)]
+            if token in end_tokens:
+                done = _Beam(parent.tokens, value, parent.logprobs)
+                finished.append((normalised(done, extra=1), done, "end"))
+                continue
+            beam = _Beam(parent.tokens + [token], value, records)
+            if stop is not None and stop(index, beam.tokens):
+                finished.append((normalised(beam), beam, "stop"))
+                continue
+            survivors.append((source, beam))
+            if len(survivors) == num_beams:
+                break
+        finished.sort(key=lambda item: item[0], reverse=True)
+        best_live = max((normalised(b) for _, b in survivors), default=float("-inf"))
+        enough = len(finished) >= num_beams and finished[num_beams - 1][0] >= best_live
+        if not survivors or enough or step == max_new - 1:
+            break
+        while len(survivors) < num_beams:  # pad with dead beams so the batch shape stays fixed
+            survivors.append((survivors[0][0], _Beam(survivors[0][1].tokens, float("-inf"), None)))
+        sources = torch.tensor([s for s, _ in survivors], device=device)
+        cache.reorder(sources)
+        beams = [b for _, b in survivors]
+        start = length + step
+        next_ids = torch.tensor([[b.tokens[-1]] for b in beams], device=device)
+        step_positions = next_positions([context] * num_beams, step + 1)[:, None].to(device)
+        step_allowed = torch.ones(num_beams, 1, 1, start + 1, dtype=torch.bool, device=device)
+        logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1]
+    candidates = finished + [(normalised(b), b, "length") for _, b in survivors if b.score > float("-inf")]
+    _, best, reason = max(candidates, key=lambda item: item[0])
+    if on_token is not None:
+        for i, token in enumerate(best.tokens):
+            on_token(index, token, best.logprobs[i] if best.logprobs else None)
+    return TokenOutput(tokens=list(best.tokens), finish_reason=reason, logprobs=best.logprobs)

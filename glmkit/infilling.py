@@ -1,0 +1,226 @@
+"""Text-level GLM-130B blank filling over `generation.generate_tokens`, as the original generate.py does it.
+
+Rules (GLM-130B's generate.py): a prompt without a mask gets `[gMASK]` appended; unless the prompt ends
+with a mask, `eos` follows the text; `sop` starts each generation. Masks are filled left to right, each
+generation spliced into the sequence before the next mask is filled. Unlike the original, which
+silently fills only the first kind it finds, mixing mask kinds in one prompt is an error.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .generation import Context, TokenLogprob, generate_tokens
+from .model import GLM
+from .sampling import GenerationSettings
+
+MASK_PATTERN = re.compile(r"\[[sg]?MASK\]")
+# Bracketed look-alikes such as "[mask]", "[ MASK ]", "[xMASK]" or an unclosed "[MASK".
+_MASK_LOOKALIKE = re.compile(r"\[[^\[\]\n]{0,6}mask[^\[\]\n]{0,6}\]|\[[sg]?MASK(?!\])", re.IGNORECASE)
+
+
+@dataclass
+class Blank:
+    """One filled mask: its text, its span in the result text, tokens and why generation stopped."""
+
+    text: str
+    start: int
+    end: int
+    tokens: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A prompt with every blank filled; `text[b.start:b.end] == b.text` for each blank."""
+
+    prompt: str
+    text: str
+    blanks: list[Blank] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+
+    @property
+    def completion(self) -> str:
+        """The generated text alone (blanks joined)."""
+        return "".join(b.text for b in self.blanks)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.blanks[-1].finish_reason if self.blanks else "length"
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(len(b.tokens) for b in self.blanks)
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    """A streamed piece of generated text for prompt `index`, blank `blank`."""
+
+    index: int
+    blank: int
+    token: int
+    text: str
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A prompt's GLM token sequence and which mask generation fills."""
+
+    prompt: str
+    tokens: tuple[int, ...]
+    mask_name: str
+    appended_gmask: bool
+
+    @property
+    def uses_gmask(self) -> bool:
+        return self.mask_name == "[gMASK]"
+
+
+def check_masks(prompt: str) -> list[str]:
+    """The mask names in `prompt`, in order; ValueError for malformed or mixed masks."""
+    valid = {m.start(): m.group() for m in MASK_PATTERN.finditer(prompt)}
+    for match in _MASK_LOOKALIKE.finditer(prompt):
+        if valid.get(match.start()) != match.group():
+            raise ValueError(f"malformed mask {match.group()!r} at character {match.start()}: "
+                             f"write [MASK], [sMASK] or [gMASK] exactly")
+    kinds = list(valid.values())
+    if len(set(kinds)) > 1:
+        raise ValueError(f"prompt mixes mask kinds {sorted(set(kinds))}: GLM-130B fills one kind per "
+                         f"prompt, so use only [MASK] (short spans), [sMASK] (sentences) or [gMASK] "
+                         f"(a long continuation at the end)")
+    return kinds
+
+
+def plan_prompt(tokenizer, prompt: str, max_sequence_length: int) -> PromptPlan:
+    """Tokenize a prompt the way GLM-130B's generate.py does, validating it first."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    kinds = check_masks(prompt)
+    tokens = list(tokenizer.encode_with_masks(prompt))
+    appended = not kinds
+    if appended:
+        tokens.append(tokenizer.gmask_id)
+    mask_name = kinds[0] if kinds else "[gMASK]"
+    if not appended and not prompt.endswith(kinds[-1]):
+        tokens.append(tokenizer.eos_id)
+    # The context plus sop must fit; generation then stops at the model's maximum length.
+    if len(tokens) + 1 > max_sequence_length:
+        raise ValueError(f"prompt is {len(tokens) + 1} tokens long with the mask/eos/sop tokens GLM adds; "
+                         f"the model takes at most {max_sequence_length}: shorten the prompt")
+    return PromptPlan(prompt, tuple(tokens), mask_name, appended)
+
+
+def _leading_space(tokenizer, tokens: list[int], before: str) -> str:
+    # SentencePiece drops the word-boundary marker of the first piece when decoding; put the space
+    # back when the generated text starts a new word after a non-space character.
+    if tokens and before and not before[-1].isspace() and tokenizer.id_to_piece(tokens[0]).startswith("\u2581"):
+        return " "
+    return ""
+
+
+def _earliest_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class _BlankDecoder:
+    """Decodes one blank's tokens, cutting at stop strings and holding back what may become one."""
+
+    def __init__(self, tokenizer, before: str, stops: tuple[str, ...]):
+        self.tokenizer, self.before, self.stops = tokenizer, before, stops
+        self.emitted = 0
+
+    def text(self, tokens: list[int]) -> str:
+        return _leading_space(self.tokenizer, tokens, self.before) + self.tokenizer.decode(tokens)
+
+    def visible(self, tokens: list[int], final: bool) -> str:
+        text = self.text(tokens)
+        cut = _earliest_stop(text, self.stops)
+        if cut is not None:
+            return text[:cut]
+        if final:
+            return text
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        text = text[:len(text) - hold]
+        return text.rstrip("\ufffd")  # an unfinished multi-byte character
+
+    def delta(self, tokens: list[int]) -> str:
+        shown = self.visible(tokens, final=False)
+        piece = shown[self.emitted:]
+        self.emitted = max(self.emitted, len(shown))
+        return piece
+
+    def hits_stop(self, tokens: list[int]) -> bool:
+        return bool(self.stops) and _earliest_stop(self.text(tokens), self.stops) is not None
+
+
+def _tokens_within(decoder: _BlankDecoder, tokens: list[int], text: str) -> list[int]:
+    """The longest token prefix whose text fits inside `text` (what a stop-cut blank splices back)."""
+    kept = 0
+    while kept < len(tokens) and text.startswith(decoder.text(tokens[:kept + 1])):
+        kept += 1
+    return tokens[:kept]
+
+
+def fill_blanks(model: GLM, tokenizer, prompts: list[str], settings: GenerationSettings,
+                on_text: Callable[[TextEvent], None] | None = None,
+                should_abort: Callable[[], bool] | None = None) -> list[GenerationResult]:
+    """Fill every blank of every prompt; prompts are batched together for each round of blanks."""
+    plans = [plan_prompt(tokenizer, p, model.config.max_sequence_length) for p in prompts]
+    sequences = [list(plan.tokens) for plan in plans]
+    pieces = [MASK_PATTERN.split(plan.prompt) for plan in plans]  # text around the masks
+    results = [GenerationResult(plan.prompt, pieces[i][0], num_prompt_tokens=len(plan.tokens) + 1)
+               for i, plan in enumerate(plans)]
+    mask_ids = [tokenizer.mask_ids[plan.mask_name] for plan in plans]
+    end_tokens = (tokenizer.eop_id, tokenizer.eos_id)
+    round_number = 0
+    while True:
+        pending = [i for i, seq in enumerate(sequences) if mask_ids[i] in seq]
+        if not pending or (should_abort is not None and should_abort()):
+            break
+        decoders, contexts = {}, []
+        for i in pending:
+            position = sequences[i].index(mask_ids[i])
+            pinned = None if plans[i].uses_gmask else position
+            contexts.append(Context(tuple(sequences[i]) + (tokenizer.sop_id,), pinned))
+            decoders[i] = _BlankDecoder(tokenizer, results[i].text, settings.stop)
+
+        def stop(row: int, tokens: list[int]) -> bool:
+            return decoders[pending[row]].hits_stop(tokens)
+
+        def forward_token(row: int, token: int, record) -> None:
+            index = pending[row]
+            tokens = generated.setdefault(index, [])
+            tokens.append(token)
+            piece = decoders[index].delta(tokens)
+            if on_text is not None and piece:
+                on_text(TextEvent(index, round_number, token, piece, record))
+
+        generated: dict[int, list[int]] = {}
+        outputs = generate_tokens(model, contexts, settings, end_tokens, stop=stop,
+                                  on_token=forward_token, should_abort=should_abort)
+        for i, output in zip(pending, outputs):
+            decoder = decoders[i]
+            text = decoder.visible(output.tokens, final=True)
+            spliced = output.tokens
+            if output.finish_reason == "stop":
+                spliced = _tokens_within(decoder, output.tokens, text)
+            result = results[i]
+            start = len(result.text)
+            result.text += text
+            result.blanks.append(Blank(text, start, start + len(text), output.tokens,
+                                       output.finish_reason, output.logprobs))
+            piece_index = len(result.blanks)
+            if piece_index < len(pieces[i]):
+                result.text += pieces[i][piece_index]
+            position = sequences[i].index(mask_ids[i])
+            sequences[i] = sequences[i][:position] + spliced + sequences[i][position + 1:]
+        round_number += 1
+    for i, result in enumerate(results):  # blanks left unfilled by an abort keep their masks
+        for k in range(len(result.blanks) + 1, len(pieces[i])):
+            result.text += plans[i].mask_name + pieces[i][k]
+    return results

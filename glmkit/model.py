@@ -1,0 +1,177 @@
+"""A plain PyTorch GLM-130B: post-LN DeepNorm blocks, GeGLU MLP, rotary attention, tied output embedding.
+
+Module and parameter names follow SwissArmyTransformer's checkpoints (`transformer.layers.3.attention.dense.weight`),
+so loading a SAT state dict is a direct `load_state_dict`. Nothing here knows about torch.distributed: a
+tensor-parallel rank is this same model with sliced weights (see `tensor_parallel.shard_model`), and every
+layer reads its local head count from its weights instead of from global state.
+"""
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GLMConfig
+
+# SAT fills masked attention scores with this constant rather than -inf; keeping it makes fully
+# masked rows (left padding) behave exactly like the original instead of producing NaNs.
+MASKED_SCORE = -10000.0
+
+
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    """cos/sin tables for `position_ids` (b, s) -> two (b, s, 1, head_dim) tensors in `dtype`."""
+    # Computed in fp32 and rounded to the model dtype, exactly as SAT 0.4.12 does; the inv_freq buffer
+    # stored in checkpoints is ignored by SAT too.
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device,
+                                            dtype=torch.float32) / head_dim))
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (b, s, hd/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (b, s, 1, hd)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """GLM rotates the two halves of the head dim as pairs: (x1, x2) -> (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (b, s, heads, hd) by the tables from `rotary_tables`."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, b, local_heads, max_length, hd) each."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys = keys
+        self.values = values
+
+    @classmethod
+    def allocate(cls, model: "GLM", batch_size: int, max_length: int) -> "KVCache":
+        """Empty cache sized for `model` (its local heads, device and dtype)."""
+        weight = model.transformer.layers[0].attention.query_key_value.weight
+        heads = model.transformer.layers[0].attention.local_heads
+        shape = (len(model.transformer.layers), batch_size, heads, max_length, model.config.head_dim)
+        return cls(torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                   torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def reorder(self, batch_indices: torch.Tensor) -> None:
+        """Keep (and repeat) batch rows in the order given, e.g. the surviving beams."""
+        self.keys = self.keys.index_select(1, batch_indices)
+        self.values = self.values.index_select(1, batch_indices)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GLMConfig, layer_id: int):
+        super().__init__()
+        self.config = config
+        self.layer_id = layer_id
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    @property
+    def local_heads(self) -> int:
+        # A tensor-parallel rank holds a slice of the heads; its weight shape says how many.
+        return self.query_key_value.weight.shape[0] // (3 * self.config.head_dim)
+
+    def forward(self, x, cos, sin, allowed, cache: KVCache | None, start: int):
+        b, s, _ = x.shape
+        hd = self.config.head_dim
+        # SAT lays the fused projection out per head as [q, k, v], each head_dim wide.
+        qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, hd)  # (b, s, nh, 3, hd)
+        q, k, v = qkv.unbind(dim=3)  # (b, s, nh, hd) each
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, nh, s, hd)
+        if cache is not None:
+            cache.keys[self.layer_id, :, :, start:start + s] = k
+            cache.values[self.layer_id, :, :, start:start + s] = v
+            k = cache.keys[self.layer_id, :, :, :start + s]  # (b, nh, t, hd)
+            v = cache.values[self.layer_id, :, :, :start + s]
+        # GLM-130B divides q by an extra (layer_id + 1) before the half-precision matmul and multiplies
+        # the scores back in fp32: this keeps fp16 scores of deep layers from overflowing.
+        coeff = float(self.layer_id + 1)
+        scores = torch.matmul(q / (math.sqrt(hd) * coeff), k.transpose(-1, -2))  # (b, nh, s, t)
+        scores = scores.masked_fill(~allowed, MASKED_SCORE)
+        probs = torch.softmax(scores.float() * coeff, dim=-1).to(v.dtype)
+        context = torch.matmul(probs, v)  # (b, nh, s, hd)
+        context = context.transpose(1, 2).reshape(b, s, self.local_heads * hd)  # (b, s, h/tp)
+        return self.dense(context)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        value, gate = self.dense_h_to_4h(x).chunk(2, dim=-1)  # (b, s, inner/tp) each
+        return self.dense_4h_to_h(value * F.gelu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GLMConfig, layer_id: int):
+        super().__init__()
+        self.alpha = config.deepnorm_alpha
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = Attention(config, layer_id)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, hidden, cos, sin, allowed, cache, start):
+        # Post-LN with DeepNorm: the residual is the *normalised* input scaled by alpha.
+        x = self.input_layernorm(hidden)
+        hidden = x * self.alpha + self.attention(x, cos, sin, allowed, cache, start)
+        y = self.post_attention_layernorm(hidden)
+        return y * self.alpha + self.mlp(y)
+
+
+class Transformer(nn.Module):
+    """Holds the parameters under SAT's `transformer.` prefix."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class GLM(nn.Module):
+    """GLM-130B-architecture language model; `forward` returns next-token logits."""
+
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+
+    def forward(self, input_ids, position_ids, allowed, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (b, s, vocab), or (b, 1, vocab) with `last_only`, for one prefill or decode step.
+
+        `allowed` is (b, 1, s, start + s) bool; with a cache, keys/values are written at
+        positions [start, start + s) and attention covers [0, start + s).
+        """
+        b, s = input_ids.shape
+        if cache is None and start:
+            raise ValueError("start > 0 needs a KV cache holding the earlier positions")
+        if cache is not None and start + s > cache.max_length:
+            raise ValueError(f"KV cache holds {cache.max_length} positions; step needs {start + s}")
+        if allowed.shape != (b, 1, s, start + s):
+            raise ValueError(f"attention mask has shape {tuple(allowed.shape)}; "
+                             f"expected {(b, 1, s, start + s)}")
+        hidden = self.transformer.word_embeddings(input_ids)  # (b, s, h)
+        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base, hidden.dtype)
+        for layer in self.transformer.layers:
+            hidden = layer(hidden, cos, sin, allowed, cache, start)
+        if last_only:
+            hidden = hidden[:, -1:]
+        hidden = self.transformer.final_layernorm(hidden)
+        # Tied output projection; on a tensor-parallel rank this is the local vocab slice, which
+        # the tensor-parallel transform gathers with a forward hook.
+        return F.linear(hidden, self.transformer.word_embeddings.weight)  # (b, s, vocab/tp)

@@ -1,0 +1,84 @@
+"""Build and load a GLM from a run config, and generate text with it in this process."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import load_rank_state_dict
+from .config import KitConfig, load_config
+from .infilling import GenerationResult, TextEvent, fill_blanks
+from .model import GLM
+from .sampling import GenerationSettings
+from .tokenizer import GLMTokenizer
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"bad device {device!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config asks for device {device} but this machine has no CUDA GPU; "
+                         f"set device: cpu")
+    return device
+
+
+def load_model(config: KitConfig, rank: int = 0, world_size: int = 1) -> GLM:
+    """The model of `config` (or one tensor-parallel rank of it) with its checkpoint weights loaded."""
+    if config.checkpoint is None:
+        raise ValueError(f"config {config.name!r} names no checkpoint folder; set `checkpoint:` in it")
+    device = _check_device(config.device)
+    state = load_rank_state_dict(config.checkpoint, config.model, rank, world_size, dtype=config.torch_dtype)
+    # Build on the meta device and adopt the loaded tensors, so the model never exists twice in RAM.
+    with torch.device("meta"):
+        model = GLM(config.model)
+    if world_size > 1:
+        from .tensor_parallel import resize_for_rank
+        resize_for_rank(model, world_size)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()
+
+
+def load_tokenizer(config: KitConfig) -> GLMTokenizer:
+    """The tokenizer of `config`: its folder, or icetk's standard location when it names none."""
+    return GLMTokenizer.load(config.tokenizer)
+
+
+class GLMPipeline:
+    """A model and its tokenizer in this process: `generate()` fills blanks in one or more prompts."""
+
+    def __init__(self, model: GLM, tokenizer: GLMTokenizer, config: KitConfig | None = None):
+        if tokenizer.num_tokens > model.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.num_tokens} ids but the model's vocab_size is "
+                             f"{model.config.vocab_size}: they do not belong together")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @classmethod
+    def from_config(cls, config: str | Path | KitConfig = "glm-tiny", **overrides) -> "GLMPipeline":
+        """Load a config by name or path (e.g. 'glm-tiny'), with optional field overrides such as dtype."""
+        if not isinstance(config, KitConfig):
+            config = load_config(config)
+        if overrides:
+            config = config.replace(**overrides)
+        return cls(load_model(config), load_tokenizer(config), config)
+
+    def generate(self, prompts: str | list[str], *, on_text: Callable[[TextEvent], None] | None = None,
+                 should_abort: Callable[[], bool] | None = None,
+                 **kwargs) -> GenerationResult | list[GenerationResult]:
+        """Fill the blanks of a prompt (or a list of prompts); keyword names follow HF `generate()`."""
+        settings = GenerationSettings.from_kwargs(**kwargs)
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+        results = fill_blanks(self.model, self.tokenizer, batch, settings, on_text, should_abort)
+        return results[0] if single else results
+
+
+def load(config: str | Path | KitConfig = "glm-tiny", **overrides) -> GLMPipeline:
+    """Shortcut for `GLMPipeline.from_config`."""
+    return GLMPipeline.from_config(config, **overrides)

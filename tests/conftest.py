@@ -1,0 +1,38 @@
+"""Shared fixtures: the shipped demo model and tokenizer, loaded once per test session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmkit.config import GLMConfig, load_config
+from glmkit.model import GLM
+from glmkit.pipeline import GLMPipeline
+
+
+@pytest.fixture(scope="session")
+def demo_config():
+    return load_config("glm-tiny")
+
+
+@pytest.fixture(scope="session")
+def pipeline(demo_config):
+    return GLMPipeline.from_config(demo_config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(pipeline):
+    return pipeline.tokenizer
+
+
+@pytest.fixture
+def small_model():
+    """A randomly initialised 2-layer GLM whose weights are large enough to give peaked distributions."""
+    config = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, inner_hidden_size=48,
+                       vocab_size=96, max_sequence_length=64)
+    torch.manual_seed(0)
+    model = GLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" not in name:
+                param.normal_(0, 0.3)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,374 @@
+"""Checkpoint I/O and tensor-parallel resharding on tiny random models (CPU, fast)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from glmkit import checkpoint as ckpt
+from glmkit.checkpoint import (config_from_checkpoint, expected_shapes, inspect_checkpoint, load_rank_state_dict,
+                               read_shard, repack_checkpoint, save_checkpoint)
+from glmkit.config import GLMConfig
+from glmkit.tensor_parallel import (merge_tensors, reshard, shard_shape, shard_style, source_ranks,
+                                    split_tensor)
+
+TINY = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, inner_hidden_size=48, vocab_size=96)
+# Six heads so that 2 -> 3 shards keeps whole heads; hidden 36 gives head dim 6 (even, for rotary).
+SIX_HEADS = GLMConfig(num_layers=2, hidden_size=36, num_attention_heads=6, inner_hidden_size=48, vocab_size=96)
+H2H = "transformer.layers.0.mlp.dense_h_to_4h.weight"
+QKV = "transformer.layers.1.attention.query_key_value.weight"
+
+
+class NotAllowed:
+    """A custom class a malicious or foreign checkpoint might pickle."""
+
+    def __init__(self):
+        self.payload = 1
+
+
+def random_state(config: GLMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=generator) for name, shape in expected_shapes(config).items()}
+
+
+def shards_of(state: dict[str, torch.Tensor], world_size: int) -> list[dict[str, torch.Tensor]]:
+    return [{name: split_tensor(name, t, r, world_size).clone() for name, t in state.items()}
+            for r in range(world_size)]
+
+
+def write(tmp_path, state, world_size, name="ckpt", **kwargs):
+    path = tmp_path / name
+    save_checkpoint(path, shards_of(state, world_size), **kwargs)
+    return path
+
+
+def merged(dir, config) -> dict[str, torch.Tensor]:
+    info = inspect_checkpoint(dir)
+    shards = [read_shard(p) for p in info.shard_paths]
+    return {name: merge_tensors(name, [s[name] for s in shards]) for name in shards[0]}
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ---- tensor_parallel ----
+
+def test_styles_cover_every_parameter_and_scales():
+    styles = {name: shard_style(name) for name in expected_shapes(TINY)}
+    assert styles["transformer.word_embeddings.weight"] == "vocab"
+    assert styles[QKV] == "column"
+    assert styles[H2H] == "column_glu"
+    assert styles["transformer.layers.0.mlp.dense_h_to_4h.bias"] == "column_glu"
+    assert styles["transformer.layers.0.mlp.dense_4h_to_h.weight"] == "row"
+    assert styles["transformer.layers.0.mlp.dense_4h_to_h.bias"] == "replicate"
+    assert styles["transformer.layers.0.attention.dense.bias"] == "replicate"
+    assert styles["transformer.final_layernorm.weight"] == "replicate"
+    assert shard_style(QKV + "_scale") == "column"
+    assert shard_style(H2H + "_scale") == "column_glu"
+    assert shard_style("transformer.layers.0.attention.dense.weight_scale") == "replicate"
+    for bad in ("transformer.layers.0.attention.foo.weight", "lm_head.weight",
+                "transformer.layers.x.mlp.dense_4h_to_h.weight", "transformer.final_layernorm.weight_scale_scale"):
+        with pytest.raises(ValueError, match="no tensor-parallel style"):
+            shard_style(bad)
+
+
+def test_glu_rank_keeps_matching_halves():
+    inner, h, world = 48, 32, 4
+    x1, x2 = torch.randn(inner, h), torch.randn(inner, h)
+    full = torch.cat([x1, x2])  # (2*inner, h)
+    chunk = inner // world
+    for r in range(world):
+        expected = torch.cat([x1[r * chunk:(r + 1) * chunk], x2[r * chunk:(r + 1) * chunk]])
+        assert torch.equal(split_tensor(H2H, full, r, world), expected)
+    # Resharding 4 -> 2 keeps them matched too.
+    for r, shard in enumerate(reshard(H2H, [split_tensor(H2H, full, r, 4) for r in range(4)], 2)):
+        expected = torch.cat([x1[r * 24:(r + 1) * 24], x2[r * 24:(r + 1) * 24]])
+        assert torch.equal(shard, expected)
+
+
+def test_scales_follow_their_weights():
+    scale = torch.arange(96.0)  # one scale per output row of a (96, 48) GeGLU weight
+    assert torch.equal(split_tensor(H2H + "_scale", scale, 1, 2), torch.cat([scale[24:48], scale[72:96]]))
+    row_scale = torch.arange(32.0)
+    name = "transformer.layers.0.mlp.dense_4h_to_h.weight_scale"
+    assert all(torch.equal(s, row_scale) for s in reshard(name, [row_scale], 4))
+
+
+def test_dtype_casts_only_floating_point(tmp_path):
+    state = random_state(TINY)
+    state[QKV] = torch.randint(-127, 127, state[QKV].shape, dtype=torch.int8)  # a quantized weight
+    path = write(tmp_path, state, 1)
+    loaded = load_rank_state_dict(path, TINY, dtype=torch.bfloat16)
+    assert loaded[QKV].dtype == torch.int8 and torch.equal(loaded[QKV], state[QKV])
+    assert loaded[H2H].dtype == torch.bfloat16
+
+
+def test_column_split_keeps_whole_heads():
+    heads, head_dim, h = 4, 8, 32
+    full = torch.randn(heads, 3, head_dim, h).reshape(3 * h, h)  # output dim laid out [heads, 3, head_dim]
+    shard = split_tensor(QKV, full, 1, 2)
+    assert torch.equal(shard.reshape(2, 3, head_dim, h), full.reshape(heads, 3, head_dim, h)[2:4])
+
+
+def test_row_split_and_merge_inverse():
+    name = "transformer.layers.0.attention.dense.weight"
+    full = torch.randn(32, 32)
+    shards = [split_tensor(name, full, r, 4) for r in range(4)]
+    assert torch.equal(shards[3], full[:, 24:])
+    assert torch.equal(merge_tensors(name, shards), full)
+
+
+@pytest.mark.parametrize("old,new", [(1, 2), (2, 4), (4, 2), (2, 3), (3, 2), (2, 1), (3, 6), (6, 4)])
+def test_reshard_any_counts(old, new):
+    full = torch.randn(2 * 24, 12)  # 2*inner with inner=24, divisible by 1,2,3,4,6
+    for name in (H2H, QKV, "transformer.layers.0.mlp.dense_4h_to_h.weight"):
+        t = full if shard_style(name) != "row" else full.T.contiguous()
+        shards = reshard(name, [split_tensor(name, t, r, old) for r in range(old)], new)
+        assert shards == [] or all(s.shape == shard_shape(name, t.shape, new) for s in shards)
+        for r in range(new):
+            assert torch.equal(shards[r], split_tensor(name, t, r, new))
+        assert torch.equal(merge_tensors(name, shards), t)
+
+
+def test_source_ranks():
+    assert source_ranks(0, 1, 8) == range(0, 8)
+    assert source_ranks(3, 8, 1) == range(0, 1)
+    assert source_ranks(1, 4, 8) == range(2, 4)
+    assert source_ranks(1, 3, 2) == range(0, 2)  # the middle third straddles both halves
+    assert source_ranks(2, 3, 2) == range(1, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        source_ranks(3, 3, 2)
+
+
+def test_uneven_split_is_refused():
+    with pytest.raises(ValueError, match="cannot be split 5 ways"):
+        split_tensor(QKV, torch.zeros(96, 32), 0, 5)
+
+
+# ---- checkpoint files ----
+
+def test_round_trip(tmp_path):
+    state = random_state(TINY)
+    path = write(tmp_path, state, 1, iteration=7, model_config={"num_layers": 2})
+    info = inspect_checkpoint(path)
+    assert (info.iteration, info.num_shards, info.model_config) == ("7", 1, {"num_layers": 2})
+    assert info.shard_paths == (path / "7" / "mp_rank_00_model_states.pt",)
+    assert_same(load_rank_state_dict(path, TINY), state)
+    half = load_rank_state_dict(path, TINY, dtype=torch.float16)
+    assert all(t.dtype == torch.float16 for t in half.values())
+
+
+def test_load_every_rank_from_other_shard_count(tmp_path):
+    state = random_state(TINY)
+    path = write(tmp_path, state, 2)
+    for world in (1, 2, 4):
+        for rank in range(world):
+            loaded = load_rank_state_dict(path, TINY, rank, world)
+            assert {k: tuple(v.shape) for k, v in loaded.items()} == expected_shapes(TINY, world)
+            assert_same(loaded, {k: split_tensor(k, t, rank, world) for k, t in state.items()})
+
+
+def test_repack_chain_is_lossless(tmp_path):
+    state = random_state(TINY, seed=1)
+    src = write(tmp_path, state, 1, model_config={"num_layers": 2, "model_parallel_size": 1})
+    for count in (2, 4, 2, 1):
+        dst = tmp_path / f"repack{count}_{len(list(tmp_path.iterdir()))}"
+        repack_checkpoint(src, dst, count, TINY)
+        info = inspect_checkpoint(dst)
+        assert info.num_shards == count
+        assert info.model_config["model_parallel_size"] == count
+        assert_same(merged(dst, TINY), state)
+        src = dst
+    assert_same(load_rank_state_dict(src, TINY), state)
+
+
+def test_repack_two_to_three(tmp_path):
+    state = random_state(SIX_HEADS, seed=2)
+    src = write(tmp_path, state, 2, iteration="release")
+    repack_checkpoint(src, tmp_path / "three", 3, SIX_HEADS)
+    info = inspect_checkpoint(tmp_path / "three")
+    assert (info.num_shards, info.iteration) == (3, "release")
+    assert_same(merged(tmp_path / "three", SIX_HEADS), state)
+    shard = read_shard(info.shard_paths[1])
+    assert_same(shard, {k: split_tensor(k, t, 1, 3) for k, t in state.items()})
+
+
+def test_repack_refuses_bad_destinations(tmp_path):
+    src = write(tmp_path, random_state(TINY), 1)
+    with pytest.raises(ValueError, match="is the source folder"):
+        repack_checkpoint(src, src, 2, TINY)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        repack_checkpoint(src, tmp_path / "full", 2, TINY)
+    with pytest.raises(ValueError, match="3 shards do not divide num_attention_heads"):
+        repack_checkpoint(src, tmp_path / "new", 3, TINY)
+
+
+def test_saved_views_do_not_carry_whole_storage(tmp_path):
+    big = torch.randn(1000, 32)
+    save_checkpoint(tmp_path / "c", [{"transformer.final_layernorm.weight": big[0]}])
+    size = (tmp_path / "c" / "1" / "mp_rank_00_model_states.pt").stat().st_size
+    assert size < 1000 * 32 * 4 / 4
+
+
+def test_save_refuses_to_mix_with_existing_shards(tmp_path):
+    path = write(tmp_path, random_state(TINY), 2)
+    with pytest.raises(FileExistsError, match="already holds shard files"):
+        save_checkpoint(path, shards_of(random_state(TINY), 1))
+
+
+def test_loader_reads_only_overlapping_shards(tmp_path, monkeypatch):
+    state = random_state(TINY)
+    path = write(tmp_path, state, 4)
+    seen = []
+    real = ckpt.read_shard
+    monkeypatch.setattr(ckpt, "read_shard", lambda p: seen.append(p.name) or real(p))
+    load_rank_state_dict(path, TINY, rank=1, world_size=2)
+    assert seen == ["mp_rank_02_model_states.pt", "mp_rank_03_model_states.pt"]
+    seen.clear()
+    load_rank_state_dict(path, TINY, rank=3, world_size=4)
+    assert seen == ["mp_rank_03_model_states.pt"]
+
+
+@pytest.mark.parametrize("key", ["mixins.rotary-embedding.rotary_emb.inv_freq",
+                                 "transformer.layers.1.attention.rotary_emb.inv_freq"])
+def test_rotary_buffers_are_accepted_and_dropped(tmp_path, key):
+    state = random_state(TINY)
+    shards = shards_of(state, 2)
+    for shard in shards:
+        shard[key] = torch.arange(4.0)
+    save_checkpoint(tmp_path / "c", shards)
+    assert key not in read_shard(tmp_path / "c" / "1" / "mp_rank_00_model_states.pt")
+    assert_same(load_rank_state_dict(tmp_path / "c", TINY), state)
+
+
+def test_deepspeed_args_namespace_loads(tmp_path):
+    state = random_state(TINY)
+    (tmp_path / "c" / "100").mkdir(parents=True)
+    (tmp_path / "c" / "latest").write_text("100")
+    torch.save({"module": state, "args": argparse.Namespace(num_layers=2, fp16=True), "iteration": 100},
+               tmp_path / "c" / "100" / "mp_rank_00_model_states.pt")
+    assert_same(load_rank_state_dict(tmp_path / "c", TINY), state)
+
+
+def test_legacy_non_zip_file_loads(tmp_path):
+    state = random_state(TINY)
+    (tmp_path / "c" / "release").mkdir(parents=True)
+    (tmp_path / "c" / "latest").write_text("release\n")
+    torch.save({"module": state}, tmp_path / "c" / "release" / "mp_rank_00_model_states.pt",
+               _use_new_zipfile_serialization=False)
+    assert_same(load_rank_state_dict(tmp_path / "c", TINY), state)
+
+
+def test_config_from_checkpoint(tmp_path):
+    path = write(tmp_path, random_state(TINY), 2, model_config={"num_attention_heads": 4, "model_class": "GLM130B"})
+    assert config_from_checkpoint(path) == TINY
+    bare = write(tmp_path, random_state(TINY), 2, name="bare")
+    with pytest.raises(ValueError, match="attention heads"):
+        config_from_checkpoint(bare)
+    assert config_from_checkpoint(bare, num_attention_heads=4) == TINY
+
+
+# ---- error cases ----
+
+def test_missing_latest(tmp_path):
+    path = write(tmp_path, random_state(TINY), 1)
+    (path / "latest").unlink()
+    with pytest.raises(FileNotFoundError, match="latest"):
+        inspect_checkpoint(path)
+
+
+def test_bad_latest(tmp_path):
+    path = write(tmp_path, random_state(TINY), 1)
+    (path / "latest").write_text("final")
+    with pytest.raises(ValueError, match="'final'"):
+        inspect_checkpoint(path)
+
+
+def test_missing_rank_file(tmp_path):
+    path = write(tmp_path, random_state(TINY), 4)
+    (path / "1" / "mp_rank_02_model_states.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="mp_rank_02_model_states.pt"):
+        load_rank_state_dict(path, TINY)
+
+
+def test_truncated_file(tmp_path):
+    path = write(tmp_path, random_state(TINY), 1)
+    shard = path / "1" / "mp_rank_00_model_states.pt"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt is truncated or corrupt"):
+        load_rank_state_dict(path, TINY)
+
+
+def test_corrupt_file(tmp_path):
+    path = write(tmp_path, random_state(TINY), 1)
+    (path / "1" / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt is truncated or corrupt"):
+        read_shard(path / "1" / "mp_rank_00_model_states.pt")
+
+
+def test_corrupt_zip_payload(tmp_path):
+    path = write(tmp_path, random_state(TINY), 1)
+    shard = path / "1" / "mp_rank_00_model_states.pt"
+    data = bytearray(shard.read_bytes())
+    start = data.index(b"\x80\x02", data.index(b"data.pkl"))  # the pickle inside an otherwise intact zip
+    data[start:start + 20] = b"\xff" * 20
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt"):
+        read_shard(shard)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_unexpected_global_is_refused(tmp_path, legacy):
+    shard = tmp_path / "evil.pt"
+    torch.save({"module": {"x": torch.zeros(1)}, "extra": NotAllowed()}, shard,
+               _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(ValueError, match=r"evil.pt contains the global .*NotAllowed"):
+        read_shard(shard)
+
+
+def test_missing_module_key(tmp_path):
+    torch.save({"model": {}, "args": argparse.Namespace()}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"m.pt has no `module` entry \(found \['args', 'model'\]\)"):
+        read_shard(tmp_path / "m.pt")
+
+
+def test_missing_parameter(tmp_path):
+    state = random_state(TINY)
+    del state["transformer.layers.1.mlp.dense_4h_to_h.bias"]
+    path = write(tmp_path, state, 1)
+    with pytest.raises(ValueError, match=r"mp_rank_00.*missing keys \['transformer.layers.1.mlp.dense_4h_to_h.bias'\]"):
+        load_rank_state_dict(path, TINY)
+
+
+def test_unexpected_parameter(tmp_path):
+    state = random_state(TINY)
+    state["transformer.layers.2.input_layernorm.weight"] = torch.ones(32)
+    path = write(tmp_path, state, 1)
+    with pytest.raises(ValueError, match=r"unexpected keys \['transformer.layers.2.input_layernorm.weight'\]"):
+        load_rank_state_dict(path, TINY)
+
+
+def test_shape_mismatch(tmp_path):
+    state = random_state(TINY)
+    path = write(tmp_path, state, 1)
+    wider = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, inner_hidden_size=64, vocab_size=96)
+    message = r"mp_rank_00.*dense_h_to_4h.weight has shape \(96, 32\), expected \(128, 32\)"
+    with pytest.raises(ValueError, match=message):
+        load_rank_state_dict(path, wider)
+
+
+def test_shard_count_not_dividing_heads(tmp_path):
+    path = write(tmp_path, random_state(TINY), 1)
+    with pytest.raises(ValueError, match="3 shards do not divide num_attention_heads=4; choose a shard count"):
+        load_rank_state_dict(path, TINY, rank=0, world_size=3)
+    # A checkpoint whose own shard count does not fit the config points at the config.
+    six = write(tmp_path, random_state(SIX_HEADS), 3, name="six")
+    with pytest.raises(ValueError, match="has 3 shards, which this config cannot have"):
+        load_rank_state_dict(six, TINY)
