@@ -1,0 +1,10 @@
+"""glmkit: explore GLM-130B and smaller GLM checkpoints from Jupyter."""
+from .config import GLMConfig, KitConfig, load_config
+from .infilling import Blank, GenerationResult, TextEvent
+from .pipeline import GLMPipeline, load, load_model, load_tokenizer
+from .sampling import GenerationSettings
+from .tokenizer import GLMTokenizer
+
+__all__ = ["GLMConfig", "KitConfig", "load_config", "Blank", "GenerationResult", "TextEvent", "GLMPipeline",
+           "load", "load_model", "load_tokenizer", "GenerationSettings", "GLMTokenizer"]
+__version__ = "0.1.0"
