@@ -1,4 +1,4 @@
-"""The `glmkit` command: generate text, and inspect or repack SAT checkpoints."""
+"""The `glmkit` command: run the demo cluster, generate text, inspect or repack SAT checkpoints."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,37 @@ def _generate(args) -> int:
         print()
     else:
         print(result.text)
+    return 0
+
+
+def _demo(args) -> int:
+    from .cluster import GLMCluster
+
+    times = {}
+    started = time.perf_counter()
+    cluster = GLMCluster(config=args.config, n=args.engines)
+    try:
+        cluster.start()
+        times["start engines"] = time.perf_counter() - started
+        mark = time.perf_counter()
+        status = cluster.load(args.config)
+        times["load shards"] = time.perf_counter() - mark
+        print(status[["engine", "rank", "device", "shard", "load_seconds"]].to_string(index=False))
+        mark = time.perf_counter()
+        print(f"\nprompt: {args.prompt!r}\nstream: ", end="", flush=True)
+        result = cluster.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+                                  on_text=lambda event: print(event.text, end="", flush=True))
+        times["generate"] = time.perf_counter() - mark
+        print(f"\n\nfilled: {result.text!r}")
+        print(f"{result.num_generated_tokens} tokens, finish reason: {result.finish_reason}")
+    finally:
+        mark = time.perf_counter()
+        cluster.close()
+        times["stop engines"] = time.perf_counter() - mark
+    times["total"] = time.perf_counter() - started
+    print("\ntime breakdown:")
+    for step, seconds in times.items():
+        print(f"  {step:<14} {seconds:6.2f} s")
     return 0
 
 
@@ -88,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--json", action="store_true", help="print the result as one JSON object")
     gen.set_defaults(run=_generate)
+
+    demo = commands.add_parser("demo", help="start a demo cluster (CPU engines), load the demo model, generate")
+    demo.add_argument("--config", default="glm-tiny")
+    demo.add_argument("--engines", type=int, default=2, help="number of engines (tensor-parallel ranks)")
+    demo.add_argument("--prompt", default="def [MASK](self, other):\n    return self.value + other.value")
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.set_defaults(run=_demo)
 
     repack = commands.add_parser("repack", help="rewrite a SAT checkpoint with another shard count")
     repack.add_argument("src")

@@ -1,0 +1,153 @@
+"""The resident cluster on CPU engines: lockstep generation, streaming, stop, interrupt, death, restart, teardown."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import ipyparallel as ipp
+import psutil
+import pytest
+
+from glmkit.cluster import EngineDiedError, GLMCluster
+
+PROMPTS = ["def [MASK](self):", "Hello", "x = [MASK] + [MASK]"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with GLMCluster(config="glm-tiny", n=2, nccl_env={"NCCL_DEBUG": "WARN"}) as running:
+        yield running
+    assert running._client is None
+
+
+def test_status_shows_one_shard_per_engine(cluster):
+    status = cluster.status()
+    assert list(status["rank"]) == [0, 1]
+    assert list(status["shard"]) == ["1/2", "2/2"]
+    assert set(status["device"]) == {"cpu"} and (status["load_seconds"] > 0).all()
+    assert status["alive"].all()
+
+
+@ipp.interactive  # sent by value: the engines cannot import this test module
+def _engine_env(name):
+    import os
+
+    return os.environ.get(name)
+
+
+def test_nccl_settings_reach_every_engine(cluster):
+    assert cluster._client[:].apply_sync(_engine_env, "NCCL_DEBUG") == ["WARN", "WARN"]
+
+
+def test_tensor_parallel_generation_equals_single_process(cluster, pipeline):
+    kwargs = dict(max_new_tokens=6, top_logprobs=2, stop=["zz"])
+    remote = cluster.generate(PROMPTS, **kwargs)
+    local = pipeline.generate(PROMPTS, **kwargs)
+    for r, l in zip(remote, local):
+        assert r.text == l.text
+        assert [b.tokens for b in r.blanks] == [b.tokens for b in l.blanks]
+        for rb, lb in zip(r.blanks, l.blanks):
+            assert [t.token for t in rb.logprobs] == [t.token for t in lb.logprobs]
+            assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(rb.logprobs, lb.logprobs))
+
+
+def test_seeded_sampling_matches_and_unseeded_runs(cluster, pipeline):
+    kwargs = dict(max_new_tokens=6, do_sample=True, seed=5, temperature=0.8)
+    assert cluster.generate("Once", **kwargs).text == pipeline.generate("Once", **kwargs).text
+    assert cluster.generate("Once", max_new_tokens=3, do_sample=True).blanks
+
+
+def test_streaming_callback_and_iterator(cluster):
+    events = []
+    result = cluster.generate("a [MASK] b [MASK] c", max_new_tokens=5, on_text=events.append)
+    for number, blank in enumerate(result.blanks):
+        assert "".join(e.text for e in events if e.blank == number) == blank.text
+    streamed = list(cluster.stream("a [MASK] b", max_new_tokens=4))
+    assert "".join(e.text for e in streamed) == cluster.last_results[0].blanks[0].text
+
+
+def test_bad_input_fails_in_the_notebook_before_dispatch(cluster):
+    with pytest.raises(ValueError, match="top_p"):
+        cluster.generate("x", top_p=0.0)
+    with pytest.raises(ValueError, match="malformed mask"):
+        cluster.generate("x [mask]")
+    assert cluster.tokenizer.encode("hi")  # tokenizer runs here, without engines
+
+
+def test_stop_halts_all_engines_at_a_token_boundary(cluster):
+    seen = threading.Event()
+
+    def on_text(event):
+        seen.set()
+
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault(
+        "result", cluster.generate("Hello", max_new_tokens=500, min_new_tokens=500, on_text=on_text)))
+    worker.start()
+    assert seen.wait(30)
+    cluster.stop()
+    worker.join(30)
+    assert not worker.is_alive()
+    result = outcome["result"]
+    assert result.finish_reason == "abort" and 0 < result.num_generated_tokens < 500
+    assert cluster.generate("Hello", max_new_tokens=3).num_generated_tokens == 3  # still usable
+
+
+def test_should_abort_and_keyboard_interrupt_leave_engines_usable(cluster):
+    calls = []
+    result = cluster.generate("Hello", max_new_tokens=500, min_new_tokens=500,
+                              should_abort=lambda: calls.append(1) or len(calls) > 3)
+    assert result.finish_reason == "abort"
+
+    def interrupt(event):
+        raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        cluster.generate("Hello", max_new_tokens=500, min_new_tokens=500, on_text=interrupt)
+    assert time.monotonic() - started < 30
+    assert cluster.generate("Hello", max_new_tokens=2).num_generated_tokens == 2
+
+
+def test_repeated_calls_leak_neither_memory_nor_processes(cluster):
+    cluster.generate("warm up", max_new_tokens=4)
+    before = cluster.status()["host_rss_gb"].tolist()
+    children = len(psutil.Process().children(recursive=True))
+    for _ in range(15):
+        cluster.generate(PROMPTS, max_new_tokens=4)
+    after = cluster.status()["host_rss_gb"].tolist()
+    assert all(a - b < 0.05 for a, b in zip(after, before)), (before, after)
+    assert len(psutil.Process().children(recursive=True)) == children
+    assert len(cluster._client.results) < 10  # results are purged after each call
+
+
+def test_killed_engine_is_reported_and_restart_recovers():
+    with GLMCluster(config="glm-tiny", n=2) as cluster:
+        pids = [r["pid"] for r in cluster._ranks]
+        os.kill(pids[1], signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(EngineDiedError, match=r"engine \d+ \(rank 1, pid \d+"):
+            cluster.generate("Hello", max_new_tokens=200, min_new_tokens=200)
+        assert time.monotonic() - started < 15
+        assert cluster.status()["alive"].tolist() == [True, False]
+        cluster.restart()
+        assert cluster.generate("Hello", max_new_tokens=3).num_generated_tokens == 3
+        new_pids = [r["pid"] for r in cluster._ranks]
+        assert not set(new_pids) & set(pids)
+    deadline = time.monotonic() + 15
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in new_pids):
+        assert time.monotonic() < deadline, "engines outlived the context manager"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("engines,launcher", [("mpi", "MPIEngineSetLauncher"), ("slurm", "SlurmEngineSetLauncher"),
+                                              ("ssh", "SSHEngineSetLauncher")])
+def test_launcher_configuration_reaches_ipyparallel(engines, launcher):
+    cluster = GLMCluster(n=4, engines=engines, profile="glmkit-test",
+                         launcher_options={"controller_ip": "0.0.0.0"}, nccl_env={"NCCL_IB_DISABLE": "1"})
+    ipp_cluster = cluster.build_ipp_cluster()
+    assert ipp_cluster.engine_launcher_class.__name__ == launcher
+    assert ipp_cluster.n == 4 and ipp_cluster.profile == "glmkit-test" and ipp_cluster.controller_ip == "0.0.0.0"
+    assert cluster.nccl_env == {"NCCL_IB_DISABLE": "1"}
