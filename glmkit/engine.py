@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .config import KitConfig
+from .decoding import StepGraphs
 from .infilling import TextEvent, fill_blanks
 from .pipeline import load_model, load_tokenizer
 from .sampling import GenerationSettings
@@ -80,6 +81,7 @@ class ShardWorker:
         dist.init_process_group(backend, store=self.store, rank=rank, world_size=world_size, timeout=timeout)
         self.group = dist.group.WORLD
         self.model = None
+        self.steps: StepGraphs | None = None
         self.tokenizer = None
         self.config: KitConfig | None = None
         self.load_seconds = 0.0
@@ -87,10 +89,11 @@ class ShardWorker:
     def load(self, config: KitConfig) -> dict:
         """Load this rank's shard of `config`'s checkpoint (repacked on the fly) onto this engine's device."""
         started = time.perf_counter()
-        self.model = None  # free the previous model before loading the next
+        self.model = self.steps = None  # free the previous model (and its graphs) before loading the next
         config = config.replace(device=str(self.device))
         model = load_model(config, self.rank, self.world_size)
         self.model = parallelize(model, self.rank, self.world_size, self.group)
+        self.steps = StepGraphs(self.model) if self.device.type == "cuda" else None
         self.tokenizer = load_tokenizer(config)
         self.config = config
         self.load_seconds = time.perf_counter() - started
@@ -138,12 +141,12 @@ class ShardWorker:
 
         results = fill_blanks(self.model, self.tokenizer, prompts, settings,
                               on_text=collect if self.rank == 0 else None,
-                              should_abort=lambda: self._should_abort(call_id))
+                              should_abort=lambda: self._should_abort(call_id), steps=self.steps)
         return (results, events) if self.rank == 0 else None
 
     def close(self) -> None:
         """Release the model and leave the process group."""
-        self.model = None
+        self.model = self.steps = None
         if dist.is_initialized():
             dist.destroy_process_group()
         if self.device.type == "cuda":

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from .decoding import DecodeStep, StepGraphs
 from .model import GLM, KVCache
 from .sampling import (GenerationSettings, apply_penalties, ban_tokens, choose_next,
                        repeated_ngram_bans)
@@ -95,8 +96,13 @@ def _make_generator(settings: GenerationSettings, device) -> torch.Generator | N
 def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings,
                     end_tokens: tuple[int, ...], stop: StopCheck | None = None,
                     on_token: TokenCallback | None = None,
-                    should_abort: Callable[[], bool] | None = None) -> list[TokenOutput]:
-    """Greedy or sampled generation for a batch of contexts, sharing one KV cache."""
+                    should_abort: Callable[[], bool] | None = None,
+                    steps: StepGraphs | None = None) -> list[TokenOutput]:
+    """Greedy or sampled generation for a batch of contexts, sharing one KV cache.
+
+    With `steps` (a StepGraphs of this model) decode steps have fixed shapes and replay CUDA graphs:
+    every row keeps its cache slot until the end. Without it, finished rows are dropped from the cache.
+    """
     if settings.num_beams > 1:
         return [beam_search(model, c, settings, end_tokens, stop=stop, index=i, on_token=on_token)
                 for i, c in enumerate(contexts)]
@@ -104,11 +110,12 @@ def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSet
     max_new = _room_for_new_tokens(model, contexts, settings)
     ids, positions, allowed, pads = prefill_inputs(contexts, device)
     length = ids.shape[1]
-    cache = KVCache.allocate(model, len(contexts), length + max_new)
+    step_runner = steps.step_for(len(contexts), length + max_new) if steps is not None else None
+    cache = step_runner.cache if step_runner else KVCache.allocate(model, len(contexts), length + max_new)
     logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1]  # (b, vocab)
     generator = _make_generator(settings, device)
     outputs = [TokenOutput(logprobs=[] if settings.wants_logprobs else None) for _ in contexts]
-    active = list(range(len(contexts)))  # context index of each cache row
+    active = list(range(len(contexts)))  # context index of each row of `logits`
     for step in range(max_new):
         history = [list(contexts[i].tokens) + outputs[i].tokens for i in active]
         produced = [outputs[i].tokens for i in active]
@@ -141,18 +148,36 @@ def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSet
                 outputs[index].finish_reason = "abort"
         if not still_active or aborted or step == max_new - 1:
             break
-        rows = torch.tensor([row for row, _ in still_active], device=device)
-        if len(still_active) < len(active):
-            # Drop finished rows from the cache so later steps only compute live sequences.
-            cache.reorder(rows)
-            pads = pads[rows.cpu()]
-        active = [index for _, index in still_active]
-        next_ids = torch.tensor([[chosen[row]] for row, _ in still_active], device=device)
         start = length + step
-        step_positions = next_positions([contexts[i] for i in active], step + 1)[:, None].to(device)
-        step_allowed = (torch.arange(start + 1)[None, :] >= pads[:, None])[:, None, None].to(device)
-        logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1]
+        if step_runner is not None:
+            logits = _static_step(step_runner, contexts, outputs, still_active, pads, start, step + 1)
+        else:
+            rows = torch.tensor([row for row, _ in still_active], device=device)
+            if len(still_active) < len(active):
+                # Drop finished rows from the cache so later steps only compute live sequences.
+                cache.reorder(rows)
+                pads = pads[rows.cpu()]
+            live = [contexts[i] for _, i in still_active]
+            next_ids = torch.tensor([[chosen[row]] for row, _ in still_active], device=device)
+            step_positions = next_positions(live, step + 1)[:, None].to(device)
+            step_allowed = (torch.arange(start + 1)[None, :] >= pads[:, None])[:, None, None].to(device)
+            logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1]
+        active = [index for _, index in still_active]
     return outputs
+
+
+def _static_step(step_runner: DecodeStep, contexts, outputs, still_active, pads, start: int,
+                 steps_done: int) -> torch.Tensor:
+    """One fixed-shape step over every row; rows that finished are fed a dummy token and ignored."""
+    ids = torch.zeros(len(contexts), 1, dtype=torch.long)
+    for _, index in still_active:
+        ids[index, 0] = outputs[index].tokens[-1]
+    positions = next_positions(contexts, steps_done)[:, None]
+    keys = torch.arange(step_runner.cache.max_length)[None, :]
+    allowed = ((keys >= pads[:, None]) & (keys <= start))[:, None, None]
+    logits = step_runner(ids, positions, start, allowed)  # (all rows, vocab)
+    rows = torch.tensor([index for _, index in still_active], device=logits.device)
+    return logits.index_select(0, rows)
 
 
 def _room_for_new_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings) -> int:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .decoding import StepGraphs
 from .generation import Context, TokenLogprob, generate_tokens
 from .model import GLM
 from .sampling import GenerationSettings
@@ -168,8 +169,12 @@ def _tokens_within(decoder: _BlankDecoder, tokens: list[int], text: str) -> list
 
 def fill_blanks(model: GLM, tokenizer, prompts: list[str], settings: GenerationSettings,
                 on_text: Callable[[TextEvent], None] | None = None,
-                should_abort: Callable[[], bool] | None = None) -> list[GenerationResult]:
-    """Fill every blank of every prompt; prompts are batched together for each round of blanks."""
+                should_abort: Callable[[], bool] | None = None,
+                steps: StepGraphs | None = None) -> list[GenerationResult]:
+    """Fill every blank of every prompt; prompts are batched together for each round of blanks.
+
+    `steps` (a StepGraphs of the model) makes decoding replay CUDA graphs; see generation.generate_tokens.
+    """
     plans = [plan_prompt(tokenizer, p, model.config.max_sequence_length) for p in prompts]
     sequences = [list(plan.tokens) for plan in plans]
     pieces = [MASK_PATTERN.split(plan.prompt) for plan in plans]  # text around the masks
@@ -202,7 +207,7 @@ def fill_blanks(model: GLM, tokenizer, prompts: list[str], settings: GenerationS
 
         generated: dict[int, list[int]] = {}
         outputs = generate_tokens(model, contexts, settings, end_tokens, stop=stop,
-                                  on_token=forward_token, should_abort=should_abort)
+                                  on_token=forward_token, should_abort=should_abort, steps=steps)
         for i, output in zip(pending, outputs):
             decoder = decoders[i]
             text = decoder.visible(output.tokens, final=True)

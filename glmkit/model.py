@@ -88,7 +88,13 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(dim=3)  # (b, s, nh, hd) each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, nh, s, hd)
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):
+            # Static shapes (CUDA graphs): write at the positions held in `start`, attend over the
+            # whole cache; `allowed` hides the slots not filled yet.
+            cache.keys[self.layer_id].index_copy_(2, start, k)
+            cache.values[self.layer_id].index_copy_(2, start, v)
+            k, v = cache.keys[self.layer_id], cache.values[self.layer_id]  # (b, nh, T, hd)
+        elif cache is not None:
             cache.keys[self.layer_id, :, :, start:start + s] = k
             cache.values[self.layer_id, :, :, start:start + s] = v
             k = cache.keys[self.layer_id, :, :, :start + s]  # (b, nh, t, hd)
@@ -150,21 +156,28 @@ class GLM(nn.Module):
         self.config = config
         self.transformer = Transformer(config)
 
-    def forward(self, input_ids, position_ids, allowed, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, allowed, cache: KVCache | None = None,
+                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
         """Logits (b, s, vocab), or (b, 1, vocab) with `last_only`, for one prefill or decode step.
 
         `allowed` is (b, 1, s, start + s) bool; with a cache, keys/values are written at
-        positions [start, start + s) and attention covers [0, start + s).
+        positions [start, start + s) and attention covers [0, start + s). When `start` is a tensor
+        of the s cache positions to write, shapes stay fixed for CUDA graphs: attention covers the
+        whole cache and `allowed` is (b, 1, s, cache length).
         """
         b, s = input_ids.shape
-        if cache is None and start:
-            raise ValueError("start > 0 needs a KV cache holding the earlier positions")
-        if cache is not None and start + s > cache.max_length:
-            raise ValueError(f"KV cache holds {cache.max_length} positions; step needs {start + s}")
-        if allowed.shape != (b, 1, s, start + s):
-            raise ValueError(f"attention mask has shape {tuple(allowed.shape)}; "
-                             f"expected {(b, 1, s, start + s)}")
+        if isinstance(start, torch.Tensor):
+            if cache is None or start.shape != (s,):
+                raise ValueError("a tensor `start` needs a KV cache and one cache position per input token")
+            expected = (b, 1, s, cache.max_length)
+        else:
+            if cache is None and start:
+                raise ValueError("start > 0 needs a KV cache holding the earlier positions")
+            if cache is not None and start + s > cache.max_length:
+                raise ValueError(f"KV cache holds {cache.max_length} positions; step needs {start + s}")
+            expected = (b, 1, s, start + s)
+        if allowed.shape != expected:
+            raise ValueError(f"attention mask has shape {tuple(allowed.shape)}; expected {expected}")
         hidden = self.transformer.word_embeddings(input_ids)  # (b, s, h)
         cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base, hidden.dtype)
         for layer in self.transformer.layers:

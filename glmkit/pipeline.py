@@ -8,6 +8,7 @@ import torch
 
 from .checkpoint import load_rank_state_dict
 from .config import KitConfig, load_config
+from .decoding import StepGraphs
 from .infilling import GenerationResult, TextEvent, fill_blanks
 from .model import GLM
 from .sampling import GenerationSettings
@@ -56,6 +57,9 @@ class GLMPipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        # Captured decode steps live as long as the model; on CPU StepGraphs is not used (eager decode).
+        device = model.transformer.word_embeddings.weight.device
+        self.steps = StepGraphs(model) if device.type == "cuda" else None
 
     @classmethod
     def from_config(cls, config: str | Path | KitConfig = "glm-tiny", **overrides) -> "GLMPipeline":
@@ -75,7 +79,7 @@ class GLMPipeline:
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise ValueError("no prompts given: pass a string or a non-empty list of strings")
-        results = fill_blanks(self.model, self.tokenizer, batch, settings, on_text, should_abort)
+        results = fill_blanks(self.model, self.tokenizer, batch, settings, on_text, should_abort, self.steps)
         return results[0] if single else results
 
 

@@ -187,3 +187,19 @@ def test_invalid_settings_are_rejected_with_the_parameter_named(bad):
 def test_unknown_keyword_lists_known_ones():
     with pytest.raises(TypeError, match="max_length.*known"):
         GenerationSettings.from_kwargs(max_length=3)
+
+
+def test_fixed_shape_decode_steps_generate_the_same_tokens(small_model):
+    """The path CUDA graphs replay (fixed shapes, rows kept to the end), run eagerly on CPU."""
+    from glmkit.decoding import StepGraphs
+
+    steps = StepGraphs(small_model, use_graphs=False)
+    settings = GenerationSettings(max_new_tokens=7)
+    first = generate_tokens(small_model, CONTEXTS[:1], settings, end_tokens=())[0].tokens
+    end = (first[3],)  # one row ends early while the others go on
+    expected = generate_tokens(small_model, CONTEXTS, settings, end)
+    for _ in range(2):  # the second call reuses the step and its (dirty) cache
+        got = generate_tokens(small_model, CONTEXTS, settings, end, steps=steps)
+        assert [o.tokens for o in got] == [o.tokens for o in expected]
+        assert [o.finish_reason for o in got] == [o.finish_reason for o in expected]
+    assert len(steps.steps) == 1

@@ -124,3 +124,19 @@ def test_shard_counts_load_identical_weights(demo_config, tmp_path):
         assert torch.equal(model(ids, positions, allowed), expected)
     rank_state = load_rank_state_dict(four, demo_config.model, rank=1, world_size=2)
     assert rank_state["transformer.word_embeddings.weight"].shape[0] == demo_config.model.vocab_size // 2
+
+
+def test_static_cache_step_matches_dynamic_step(small_model):
+    """The fixed-shape decode step (what CUDA graphs replay) computes the same logits."""
+    tokens = (5, 17, 2, 90, 40)
+    ids, positions, allowed, _ = prefill_inputs([Context(tokens, None)], "cpu")
+    dynamic, static = KVCache.allocate(small_model, 1, 12), KVCache.allocate(small_model, 1, 12)
+    small_model(ids, positions, allowed, dynamic, 0)
+    small_model(ids, positions, allowed, static, 0)
+    for step, token in enumerate((11, 12, 13)):
+        at = len(tokens) + step
+        one_id, one_pos = torch.tensor([[token]]), torch.tensor([[at]])
+        expected = small_model(one_id, one_pos, torch.ones(1, 1, 1, at + 1, dtype=torch.bool), dynamic, at)
+        row = (torch.arange(12) <= at)[None, None, None]
+        got = small_model(one_id, one_pos, row, static, torch.tensor([at]))
+        assert torch.allclose(got, expected, atol=1e-5)

@@ -1,0 +1,91 @@
+"""Fixed-shape decode steps, replayed from CUDA graphs so a token costs one launch instead of hundreds.
+
+At batch 1 a decode step is hundreds of small kernels per token; launching them from Python costs more
+than the weights take to stream on a fast GPU. `StepGraphs` keeps, per (batch size, cache length), a KV
+cache and a captured decode step whose inputs are copied into fixed buffers before each replay. On CPU
+(or with `use_graphs=False`) the same fixed-shape step runs eagerly, which is what the tests check.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import GLM, KVCache
+
+# Cache lengths are rounded up to this, so calls with similar lengths reuse one captured graph.
+LENGTH_BUCKET = 256
+# Each kept step holds a KV cache; beyond this many shapes the least recently used is dropped.
+MAX_KEPT_STEPS = 4
+
+
+class DecodeStep:
+    """One fixed-shape decode step for `batch_size` sequences over a cache of `length` positions."""
+
+    def __init__(self, model: GLM, batch_size: int, length: int, use_graphs: bool):
+        self.model = model
+        self.cache = KVCache.allocate(model, batch_size, length)
+        device = self.cache.keys.device
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.index = torch.zeros(1, dtype=torch.long, device=device)
+        self.allowed = torch.zeros(batch_size, 1, 1, length, dtype=torch.bool, device=device)
+        self.graph = None
+        self.logits = None
+        if use_graphs:
+            self._capture()
+
+    def _run(self) -> torch.Tensor:
+        return self.model(self.ids, self.positions, self.allowed, self.cache, self.index)[:, -1]
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (allocator and library handles settle), then record the step. The
+        # garbage this writes into cache slot 0 is overwritten by the next prefill.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = self._run()
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, index: int,
+                 allowed: torch.Tensor) -> torch.Tensor:
+        """Logits (b, vocab) for tokens `ids` (b, 1) written at cache slot `index`."""
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.index.fill_(index)
+        self.allowed.copy_(allowed)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
+class StepGraphs:
+    """The decode steps of one model, kept between calls; pass it to generation to decode with graphs."""
+
+    def __init__(self, model: GLM, use_graphs: bool | None = None):
+        device = model.transformer.word_embeddings.weight.device
+        self.model = model
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.steps: dict[tuple[int, int], DecodeStep] = {}
+
+    def step_for(self, batch_size: int, needed_length: int) -> DecodeStep:
+        """A decode step (and its cache) for `batch_size` rows holding at least `needed_length` positions."""
+        limit = self.model.config.max_sequence_length
+        length = min(max(needed_length, -(-needed_length // LENGTH_BUCKET) * LENGTH_BUCKET), limit)
+        length = max(length, needed_length)
+        key = (batch_size, length)
+        step = self.steps.pop(key, None)
+        if step is None:
+            while len(self.steps) >= MAX_KEPT_STEPS:
+                self.steps.pop(next(iter(self.steps)))  # dicts keep insertion order: oldest first
+            step = DecodeStep(self.model, batch_size, length, self.use_graphs)
+        self.steps[key] = step  # re-inserted: now the most recently used
+        return step
+
+    def clear(self) -> None:
+        """Drop every captured step and its cache (frees GPU memory)."""
+        self.steps.clear()
