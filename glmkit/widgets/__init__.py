@@ -1,0 +1,13 @@
+"""Jupyter widget tools for exploring GLM models: a prompt playground, few-shot templates, a token inspector.
+
+Each tool takes a *backend*: anything with `.tokenizer` (a GLMTokenizer) and
+`.generate(prompts, *, on_text=None, should_abort=None, **settings)` — a `GLMPipeline` in this process,
+or the multi-GPU cluster. Display a tool by making it the last expression of a cell.
+"""
+from .fewshot import FewShot
+from .inspector import TokenInspector
+from .playground import Playground
+from .templates import Example, FewShotTemplate, TemplateError, load_template, shipped_templates
+
+__all__ = ["Playground", "FewShot", "TokenInspector", "FewShotTemplate", "Example", "TemplateError",
+           "load_template", "shipped_templates"]
