@@ -64,7 +64,8 @@ class GLMCluster:
         self._store: dist.TCPStore | None = None
         self._tokenizer: GLMTokenizer | None = None
         self._call_id: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # guards the ipyparallel client, which is not thread-safe
+        self.last_results: list[GenerationResult] | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -148,10 +149,11 @@ class GLMCluster:
         if self._client is None:
             self.start()
         self._tokenizer = GLMTokenizer.load(self.config.tokenizer)  # notebook-side, for prompt checks
-        pending = [self._client[r["engine"]].apply_async(engine.call_worker, ipp.Reference(engine.WORKER_NAME),
-                                                         "load", self.config) for r in self._ranks]
-        with tqdm(total=len(pending), desc=f"loading {self.config.name} shards", unit="shard") as bar:
-            self._wait_all(pending, self.call_timeout, "loading", on_done=lambda: bar.update(1))
+        with self._lock:
+            pending = [self._client[r["engine"]].apply_async(
+                engine.call_worker, ipp.Reference(engine.WORKER_NAME), "load", self.config) for r in self._ranks]
+            with tqdm(total=len(pending), desc=f"loading {self.config.name} shards", unit="shard") as bar:
+                self._wait_all(pending, self.call_timeout, "loading", on_done=lambda: bar.update(1))
         return self.status()
 
     def close(self) -> None:
@@ -198,6 +200,11 @@ class GLMCluster:
 
     def status(self) -> pd.DataFrame:
         """One row per engine: engine id, host, pid, device, shard, load seconds and memory."""
+        with self._lock:
+            rows = self._status_rows()
+        return pd.DataFrame(rows)
+
+    def _status_rows(self) -> list[dict]:
         rows = []
         for r in self._ranks:
             alive = psutil.pid_exists(r["pid"]) if self._is_local(r) else None
@@ -206,7 +213,7 @@ class GLMCluster:
                 row.update(self._client[r["engine"]].apply_sync(
                     engine.call_worker, ipp.Reference(engine.WORKER_NAME), "status"))
             rows.append(row)
-        return pd.DataFrame(rows)
+        return rows
 
     def stop(self) -> None:
         """Ask the running generation to stop at the next token on every engine."""
@@ -218,16 +225,20 @@ class GLMCluster:
                  should_abort: Callable[[], bool] | None = None, timeout: float | None = None,
                  **kwargs) -> GenerationResult | list[GenerationResult]:
         """Fill blanks on all engines in lockstep (same keywords as GLMPipeline.generate); rank 0's result."""
-        stream = self.stream(prompts, should_abort=should_abort, timeout=timeout, **kwargs)
-        try:
-            for event in stream:
-                if on_text is not None:
-                    on_text(event)
-        finally:
-            # An exception in the callback (a KeyboardInterrupt, say) must still stop the engines:
-            # closing the stream runs its cleanup now, not whenever the generator is collected.
-            stream.close()
-        results = self.last_results
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        kwargs = self._checked(batch, kwargs)
+        holder: dict = {}
+        with self._lock:  # one call at a time, also from widget threads: engines run calls in order
+            run = self._run(batch, kwargs, should_abort, timeout or self.call_timeout, holder)
+            try:
+                for event in run:
+                    if on_text is not None:
+                        on_text(event)
+            finally:
+                # An exception in the callback (a KeyboardInterrupt, say) must still stop the engines:
+                # closing the generator runs its cleanup now, not whenever it is collected.
+                run.close()
+        results = holder["results"]
         return results[0] if isinstance(prompts, str) else results
 
     def stream(self, prompts: str | list[str], *, should_abort: Callable[[], bool] | None = None,
@@ -235,8 +246,10 @@ class GLMCluster:
         """Yield TextEvents as engines generate; the results are in `last_results` afterwards."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         kwargs = self._checked(batch, kwargs)
-        with self._lock:  # one call at a time: engines run calls in order anyway
-            yield from self._run(batch, kwargs, should_abort, timeout or self.call_timeout)
+        holder: dict = {}
+        with self._lock:
+            yield from self._run(batch, kwargs, should_abort, timeout or self.call_timeout, holder)
+            self.last_results = holder["results"]
 
     def _checked(self, batch: list[str], kwargs: dict) -> dict:
         # Validate here, before any engine works: bad input gets the same clear errors as in-process.
@@ -250,10 +263,9 @@ class GLMCluster:
             kwargs = {**kwargs, "seed": random.randrange(2**31)}
         return kwargs
 
-    def _run(self, batch, kwargs, should_abort, timeout) -> Iterator[TextEvent]:
+    def _run(self, batch, kwargs, should_abort, timeout, holder: dict) -> Iterator[TextEvent]:
         call_id = uuid.uuid4().hex
         self._call_id = call_id
-        self.last_results = None
         view = self._client[[r["engine"] for r in self._ranks]]
         ar = view.apply_async(engine.call_worker, ipp.Reference(engine.WORKER_NAME), "generate",
                               call_id, batch, kwargs)
@@ -284,9 +296,9 @@ class GLMCluster:
             self._call_id = None
             raise
         results, events = self._result(ar)
-        yield from events[emitted:]
-        self.last_results = results
+        holder["results"] = results
         self._call_id = None
+        yield from events[emitted:]
 
     def _result(self, ar):
         try:

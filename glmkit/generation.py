@@ -104,8 +104,8 @@ def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSet
     every row keeps its cache slot until the end. Without it, finished rows are dropped from the cache.
     """
     if settings.num_beams > 1:
-        return [beam_search(model, c, settings, end_tokens, stop=stop, index=i, on_token=on_token)
-                for i, c in enumerate(contexts)]
+        return [beam_search(model, c, settings, end_tokens, stop=stop, index=i, on_token=on_token,
+                            should_abort=should_abort) for i, c in enumerate(contexts)]
     device = model.transformer.word_embeddings.weight.device
     max_new = _room_for_new_tokens(model, contexts, settings)
     ids, positions, allowed, pads = prefill_inputs(contexts, device)
@@ -196,8 +196,13 @@ class _Beam:
 @torch.inference_mode()
 def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_tokens: tuple[int, ...],
                 stop: StopCheck | None = None, index: int = 0,
-                on_token: TokenCallback | None = None) -> TokenOutput:
-    """Beam search over one context; the best hypothesis by length-normalised log probability."""
+                on_token: TokenCallback | None = None,
+                should_abort: Callable[[], bool] | None = None) -> TokenOutput:
+    """Beam search over one context; the best hypothesis by length-normalised log probability.
+
+    Tokens reach `on_token` only once the best beam is known. An abort ends the search at once and
+    returns the best hypothesis so far.
+    """
     device = model.transformer.word_embeddings.weight.device
     num_beams = settings.num_beams
     max_new = _room_for_new_tokens(model, [context], settings)
@@ -249,7 +254,8 @@ def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_
         finished.sort(key=lambda item: item[0], reverse=True)
         best_live = max((normalised(b) for _, b in survivors), default=float("-inf"))
         enough = len(finished) >= num_beams and finished[num_beams - 1][0] >= best_live
-        if not survivors or enough or step == max_new - 1:
+        aborted = should_abort is not None and should_abort()
+        if not survivors or enough or aborted or step == max_new - 1:
             break
         while len(survivors) < num_beams:  # pad with dead beams so the batch shape stays fixed
             survivors.append((survivors[0][0], _Beam(survivors[0][1].tokens, float("-inf"), None)))
@@ -261,7 +267,8 @@ def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_
         step_positions = next_positions([context] * num_beams, step + 1)[:, None].to(device)
         step_allowed = torch.ones(num_beams, 1, 1, start + 1, dtype=torch.bool, device=device)
         logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1]
-    candidates = finished + [(normalised(b), b, "length") for _, b in survivors if b.score > float("-inf")]
+    live_reason = "abort" if aborted else "length"
+    candidates = finished + [(normalised(b), b, live_reason) for _, b in survivors if b.score > float("-inf")]
     _, best, reason = max(candidates, key=lambda item: item[0])
     if on_token is not None:
         for i, token in enumerate(best.tokens):

@@ -203,3 +203,10 @@ def test_fixed_shape_decode_steps_generate_the_same_tokens(small_model):
         assert [o.tokens for o in got] == [o.tokens for o in expected]
         assert [o.finish_reason for o in got] == [o.finish_reason for o in expected]
     assert len(steps.steps) == 1
+
+
+def test_beam_search_stops_when_asked(small_model):
+    calls = iter(range(100))
+    settings = GenerationSettings(max_new_tokens=30, num_beams=3)
+    output = generate_tokens(small_model, CONTEXTS[:1], settings, (), should_abort=lambda: next(calls) >= 2)[0]
+    assert output.finish_reason == "abort" and len(output.tokens) == 3
