@@ -4,6 +4,10 @@ Layout (SAT inference checkpoints):
     <dir>/latest                                   the iteration number, or the word `release`
     <dir>/<iteration>/mp_rank_XX_model_states.pt  torch-pickled {"module": state_dict, ...} per tensor-parallel rank
     <dir>/model_config.json                        optional architecture arguments
+
+Quantized checkpoints (GLM-130B's INT8/INT4 format, see glmkit.quantization) hold int8 weights and
+`<weight name>_scale` tensors; the loader recognises them from their keys and shapes, and quantizes an
+unquantized checkpoint while loading, weight by weight, when asked for a quantized model.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +25,9 @@ from pathlib import Path
 import torch
 
 from .config import GLMConfig
-from .tensor_parallel import reshard_tensor, shard_shape, source_ranks
+from .quantization import (SCALE_SUFFIX, check_bits, dequantize_weight, is_quantized_weight, packed_columns,
+                           quantize_weight, row_absmax, scale_from_absmax)
+from .tensor_parallel import reshard_tensor, shard_shape, shard_style, source_ranks
 
 SHARD_NAME = "mp_rank_{:02d}_model_states.pt"
 _SHARD_RE = re.compile(r"mp_rank_(\d{2,})_model_states\.pt")
@@ -122,9 +129,16 @@ def read_shard(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def expected_shapes(config: GLMConfig, world_size: int = 1) -> dict[str, tuple[int, ...]]:
-    """Per-rank shape of every parameter of a `world_size`-way model (world_size=1: the full shapes)."""
+def expected_shapes(config: GLMConfig, world_size: int = 1,
+                    bits: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Per-rank shape of every tensor of a `world_size`-way model (world_size=1: the full shapes).
+
+    With `bits` (8 or 4) the four linear weights of each layer are quantized: int8 (out, in*bits/8), each
+    followed by its `<name>_scale` (out,).
+    """
     config.check_shardable(world_size)
+    if bits is not None:
+        check_bits(bits)
     h, f, v = config.hidden_size, config.inner_hidden_size, config.vocab_size
     full = {"transformer.word_embeddings.weight": (v, h)}
     for i in range(config.num_layers):
@@ -138,11 +152,38 @@ def expected_shapes(config: GLMConfig, world_size: int = 1) -> dict[str, tuple[i
             p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,),
         })
     full.update({"transformer.final_layernorm.weight": (h,), "transformer.final_layernorm.bias": (h,)})
-    return {name: shard_shape(name, shape, world_size) for name, shape in full.items()}
+    if bits is not None:
+        quantized = {}
+        for name, shape in full.items():
+            if is_quantized_weight(name):
+                quantized[name] = (shape[0], packed_columns(shape[1], bits))
+                quantized[name + SCALE_SUFFIX] = (shape[0],)
+            else:
+                quantized[name] = shape
+        full = quantized
+    result = {}
+    for name, shape in full.items():
+        try:
+            result[name] = shard_shape(name, shape, world_size)
+        except ValueError:
+            if bits == 4 and is_quantized_weight(name):
+                raise ValueError(f"{name}: INT4 packs two input features per byte, so its {2 * shape[1]} input "
+                                 f"features are {shape[1]} bytes, which cannot be split {world_size} ways on "
+                                 f"byte boundaries; choose a shard count that divides {shape[1]}") from None
+            raise
+    return result
 
 
-def _check_shard(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], path: Path) -> None:
-    """Raise unless `state` has exactly the expected names and shapes."""
+def expected_dtype_ok(name: str, tensor: torch.Tensor, bits: int | None) -> bool:
+    """Whether `tensor` has a dtype a checkpoint entry `name` may have (int8 for quantized weights)."""
+    if bits is not None and is_quantized_weight(name):
+        return tensor.dtype == torch.int8
+    return tensor.is_floating_point()
+
+
+def _check_shard(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], path: Path,
+                 bits: int | None = None) -> None:
+    """Raise unless `state` has exactly the expected names and shapes (and int8 quantized weights)."""
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
@@ -153,6 +194,9 @@ def _check_shard(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
         if tuple(state[name].shape) != shape:
             raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {shape} "
                              f"(is the config right for this checkpoint?)")
+        if bits is not None and not expected_dtype_ok(name, state[name], bits):
+            raise ValueError(f"{path}: {name} has dtype {state[name].dtype}, which an INT{bits} checkpoint "
+                             f"cannot hold (quantized weights are int8, the rest floating point)")
 
 
 def _check_shard_count(config: GLMConfig, num_shards: int, what: str) -> None:
@@ -162,14 +206,86 @@ def _check_shard_count(config: GLMConfig, num_shards: int, what: str) -> None:
         raise ValueError(f"{what}: {error}") from None
 
 
+def stored_quantization(state: dict[str, torch.Tensor], config: GLMConfig,
+                        path: str | Path = "shard") -> int | None:
+    """Bits of a shard's quantized weights (8 or 4) from its keys and shapes, or None if unquantized."""
+    probe = "transformer.layers.0.attention.query_key_value.weight"  # column-parallel: in = hidden always
+    if not any(name.endswith(SCALE_SUFFIX) for name in state):
+        if probe in state and state[probe].dtype == torch.int8:
+            raise ValueError(f"{path}: {probe} is int8 but the shard has no `_scale` entries; "
+                             f"a quantized checkpoint needs both")
+        return None
+    if probe not in state:
+        return 8  # the key check reports what is missing
+    columns, hidden = state[probe].shape[1], config.hidden_size
+    if columns == hidden:
+        return 8
+    if 2 * columns == hidden:
+        return 4
+    raise ValueError(f"{path}: quantized {probe} has {columns} columns, which is neither INT8 ({hidden}) nor "
+                     f"INT4 ({hidden // 2}) for hidden size {hidden}; is the config right for this checkpoint?")
+
+
+def checkpoint_quantization(dir: str | Path, config: GLMConfig) -> int | None:
+    """Bits of checkpoint `dir`'s quantized weights (8 or 4), or None for an unquantized checkpoint."""
+    info = inspect_checkpoint(dir)
+    return stored_quantization(read_shard(info.shard_paths[0]), config, info.shard_paths[0])
+
+
+def _check_mode(stored: int | None, wanted: int | None, dir: Path) -> None:
+    if stored is None or stored == wanted:
+        return  # read as is, or quantize while loading
+    if wanted is None:
+        raise ValueError(f"checkpoint {dir} is INT{stored}-quantized (it has `_scale` entries); set "
+                         f"`quantization: int{stored}` in the config to load it")
+    raise ValueError(f"the config asks for int{wanted} but checkpoint {dir} is INT{stored}-quantized; set "
+                     f"`quantization: int{stored}`, or quantize the unquantized checkpoint to INT{wanted} "
+                     f"(re-quantizing INT{stored} weights would add their rounding errors)")
+
+
+def _place(tensor: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None) -> torch.Tensor:
+    # Move first, then cast: on a GPU the cast runs there and host RAM never holds a converted copy.
+    if device is not None:
+        tensor = tensor.to(device)
+    if dtype is not None and tensor.is_floating_point():
+        tensor = tensor.to(dtype)
+    return tensor
+
+
+def _reshard_quantized(name: str, sources: list[dict], num_shards: int, rank: int, world_size: int,
+                       bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target `rank`'s (weight, scale) of a stored quantized weight, from the overlapping source shards."""
+    weights = [s[name] for s in sources]
+    scales = [s[name + SCALE_SUFFIX] for s in sources]
+    if shard_style(name) == "row" and any(not torch.equal(scales[0], x) for x in scales[1:]):
+        # The original tool quantizes each shard on its own, so a row's pieces have different scales:
+        # merging them needs one scale per row, hence a requantization of this (lossy) weight.
+        warnings.warn(f"{name}: the source shards carry different scales for the same rows (quantized shard "
+                      f"by shard, as GLM-130B's tool does); merging requantizes them. Quantize the "
+                      f"unquantized checkpoint for the most accurate result.", stacklevel=3)
+        pieces = [dequantize_weight(w, x, bits) for w, x in zip(weights, scales)]  # (out, in/N) fp32 each
+        return quantize_weight(reshard_tensor(name, pieces, num_shards, rank, world_size), bits)
+    return (reshard_tensor(name, weights, num_shards, rank, world_size),
+            reshard_tensor(name + SCALE_SUFFIX, scales, num_shards, rank, world_size))
+
+
 def load_rank_state_dict(dir: str | Path, config: GLMConfig, rank: int = 0, world_size: int = 1,
-                         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                         dtype: torch.dtype | None = None, quantization: int | None = None,
+                         device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """State dict of rank `rank` in a `world_size`-way model, reading only the checkpoint shards it overlaps.
 
     Tensors may be views of memory-mapped files. `dtype` casts floating-point tensors only, so quantized
-    integer weights keep their type.
+    integer weights keep their type and `_scale` tensors stay fp16 as stored. `quantization` (None, 8 or 4)
+    is the mode of the result: a checkpoint in that mode is read as is; an unquantized one is quantized while
+    loading, one weight at a time in row blocks (row-parallel weights take their scales over whole rows,
+    so every shard is read once for those); one quantized otherwise is refused. `device` places each tensor
+    there as it is produced, and quantization runs there: loading onto a GPU keeps host RAM to the
+    memory-mapped shards plus one weight's slice at most.
     """
     _check_shard_count(config, world_size, f"cannot load as {world_size} tensor-parallel ranks")
+    if quantization is not None:
+        check_bits(quantization)
+        expected_shapes(config, world_size, quantization)  # raises for INT4 shards off byte boundaries
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is out of range for world size {world_size}")
     info = inspect_checkpoint(dir)
@@ -178,19 +294,46 @@ def load_rank_state_dict(dir: str | Path, config: GLMConfig, rank: int = 0, worl
     except ValueError as error:
         raise ValueError(f"checkpoint {info.dir} has {info.num_shards} shards, which this config cannot have "
                          f"({error}); the config probably does not describe this checkpoint") from None
+    device = None if device is None else torch.device(device)
     needed = source_ranks(rank, world_size, info.num_shards)
-    shapes = expected_shapes(config, info.num_shards)
-    sources = []
-    for j in needed:
-        state = read_shard(info.shard_paths[j])
-        _check_shard(state, shapes, info.shard_paths[j])
-        sources.append(state)
+    first = read_shard(info.shard_paths[needed.start])
+    stored = stored_quantization(first, config, info.shard_paths[needed.start])
+    _check_mode(stored, quantization, info.dir)
+    shapes = expected_shapes(config, info.num_shards, stored)
+
+    def checked(j: int, state: dict | None = None) -> dict[str, torch.Tensor]:
+        state = read_shard(info.shard_paths[j]) if state is None else state
+        _check_shard(state, shapes, info.shard_paths[j], stored)
+        return state
+
+    sources = [checked(needed.start, first)] + [checked(j) for j in needed[1:]]
+    quantize_now = stored is None and quantization is not None
+    absmax: dict[str, torch.Tensor] = {}
+    if quantize_now and world_size > 1:
+        # A row-parallel weight's rows span every shard: their absmax over all shards gives every rank the
+        # same scale. Shards outside `needed` are read one at a time and let go. (At world size 1 the
+        # target holds whole rows and quantize_weight takes the absmax itself.)
+        row_names = [n for n in shapes if is_quantized_weight(n) and shard_style(n) == "row"]
+        for j in range(info.num_shards):
+            state = sources[j - needed.start] if j in needed else checked(j)
+            for name in row_names:
+                part = row_absmax(state[name], device)
+                absmax[name] = part if name not in absmax else torch.maximum(absmax[name], part)
+            del state
     result = {}
     for name in shapes:
+        if name.endswith(SCALE_SUFFIX):
+            continue  # produced with its weight
+        if stored is not None and is_quantized_weight(name):
+            weight, scale = _reshard_quantized(name, sources, info.num_shards, rank, world_size, stored)
+            result[name], result[name + SCALE_SUFFIX] = _place(weight, device, None), _place(scale, device, None)
+            continue
         tensor = reshard_tensor(name, [s[name] for s in sources], info.num_shards, rank, world_size)
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        result[name] = tensor
+        if quantize_now and is_quantized_weight(name):
+            scale = scale_from_absmax(absmax.pop(name), quantization) if name in absmax else None
+            result[name], result[name + SCALE_SUFFIX] = quantize_weight(tensor, quantization, scale, device)
+        else:
+            result[name] = _place(tensor, device, dtype)
     return result
 
 
@@ -238,25 +381,44 @@ def save_checkpoint(dir: str | Path, shard_state_dicts: Sequence[dict[str, torch
     _finish(root, iteration, model_config)
 
 
-def repack_checkpoint(src: str | Path, dst: str | Path, num_shards: int, config: GLMConfig) -> None:
-    """Write a `num_shards`-way copy of checkpoint `src` into the new or empty folder `dst`, one rank at a time."""
-    src, dst = Path(src), Path(dst)
+def _rewrite(src: Path, dst: Path, num_shards: int | None, config: GLMConfig, quantization: int | None,
+             what: str) -> None:
     info = inspect_checkpoint(src)
-    _check_shard_count(config, num_shards, f"cannot repack into {num_shards} shards")
+    num_shards = info.num_shards if num_shards is None else num_shards
+    _check_shard_count(config, num_shards, f"cannot {what} into {num_shards} shards")
+    if quantization is not None:
+        expected_shapes(config, num_shards, quantization)  # INT4 byte boundaries
     if dst.resolve() == src.resolve():
-        raise ValueError(f"repack destination {dst} is the source folder; choose a new, empty folder")
+        raise ValueError(f"{what} destination {dst} is the source folder; choose a new, empty folder")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"repack destination {dst} is not an empty folder; choose a new, empty folder")
+        raise FileExistsError(f"{what} destination {dst} is not an empty folder; choose a new, empty folder")
     folder = _iteration_folder(dst, int(info.iteration) if info.iteration.isdigit() else info.iteration)
     for rank in range(num_shards):
         # Peak memory: this target shard plus the (memory-mapped) source shards it overlaps.
-        state = load_rank_state_dict(src, config, rank, num_shards)
+        state = load_rank_state_dict(src, config, rank, num_shards, quantization=quantization)
         _write_shard(folder / SHARD_NAME.format(rank), state)
         del state
     model_config = info.model_config
     if model_config is not None and "model_parallel_size" in model_config:
         model_config = {**model_config, "model_parallel_size": num_shards}
     _finish(dst, info.iteration, model_config)
+
+
+def repack_checkpoint(src: str | Path, dst: str | Path, num_shards: int, config: GLMConfig) -> None:
+    """Write a `num_shards`-way copy of checkpoint `src` (quantized or not) into the new or empty folder `dst`."""
+    src = Path(src)
+    _rewrite(src, Path(dst), num_shards, config, checkpoint_quantization(src, config), "repack")
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, config: GLMConfig,
+                        num_shards: int | None = None) -> None:
+    """Write an INT`bits` copy of checkpoint `src` into `dst` (`num_shards`-way; default: src's count).
+
+    Reads one target rank at a time and quantizes weight by weight, so host RAM holds one output shard plus
+    small temporaries beyond the memory-mapped source. A source already quantized to `bits` is repacked.
+    """
+    check_bits(bits)
+    _rewrite(Path(src), Path(dst), num_shards, config, bits, "quantize")
 
 
 def config_from_checkpoint(dir: str | Path, **overrides) -> GLMConfig:
@@ -274,12 +436,16 @@ def config_from_checkpoint(dir: str | Path, **overrides) -> GLMConfig:
         n = info.num_shards
         try:
             vocab, hidden = state["transformer.word_embeddings.weight"].shape  # (vocab/n, h)
+            # A quantized 4h_to_h stores in*bits/8 columns; qkv's (in = hidden) tells the bits.
+            bits = 8
+            if any(k.endswith(SCALE_SUFFIX) for k in state):
+                bits = 8 * state["transformer.layers.0.attention.query_key_value.weight"].shape[1] // hidden
             inferred = {
                 "num_layers": len({int(m.group(1)) for k in state
                                    if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}),
                 "hidden_size": hidden,
                 "vocab_size": vocab * n,
-                "inner_hidden_size": state["transformer.layers.0.mlp.dense_4h_to_h.weight"].shape[1] * n,
+                "inner_hidden_size": state["transformer.layers.0.mlp.dense_4h_to_h.weight"].shape[1] * n * 8 // bits,
             }
         except KeyError as error:
             raise ValueError(f"cannot infer the model config from {info.shard_paths[0]}: no {error} entry; "

@@ -12,6 +12,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Weight-only quantization modes (glmkit.quantization) and their bit widths; None means unquantized.
+QUANTIZATION_BITS = {"int8": 8, "int4": 4}
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ PRESETS: dict[str, GLMConfig] = {
 
 @dataclass(frozen=True)
 class KitConfig:
-    """What to load and how: architecture, checkpoint folder, tokenizer folder, dtype and device."""
+    """What to load and how: architecture, checkpoint folder, tokenizer folder, dtype, device, quantization."""
 
     name: str
     model: GLMConfig
@@ -91,14 +93,25 @@ class KitConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
+    # None, "int8" or "int4": weight-only quantization of the four linear weights of each layer. A quantized
+    # checkpoint is loaded as is; an fp16 one is quantized while loading. Activations use `dtype`.
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_BITS:
+            raise ValueError(f"quantization must be one of {sorted(QUANTIZATION_BITS)} or None, "
+                             f"got {self.quantization!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def quantization_bits(self) -> int | None:
+        """8 or 4 when the weights are quantized, else None."""
+        return None if self.quantization is None else QUANTIZATION_BITS[self.quantization]
 
     def replace(self, **changes) -> "KitConfig":
         return dataclasses.replace(self, **changes)
@@ -133,7 +146,7 @@ def load_config(name_or_path: str | Path) -> KitConfig:
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: bad model section: {error}") from None
     base = path.parent
-    known = {"name", "checkpoint", "tokenizer", "dtype", "device"}
+    known = {"name", "checkpoint", "tokenizer", "dtype", "device", "quantization"}
     return KitConfig(
         name=raw.get("name", path.stem),
         model=model,
@@ -141,5 +154,6 @@ def load_config(name_or_path: str | Path) -> KitConfig:
         tokenizer=_resolve(base, raw.get("tokenizer")),
         dtype=raw.get("dtype", "fp32"),
         device=raw.get("device", "cpu"),
+        quantization=raw.get("quantization"),
         extra={k: v for k, v in raw.items() if k not in known},
     )

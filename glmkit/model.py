@@ -51,7 +51,8 @@ class KVCache:
     @classmethod
     def allocate(cls, model: "GLM", batch_size: int, max_length: int) -> "KVCache":
         """Empty cache sized for `model` (its local heads, device and dtype)."""
-        weight = model.transformer.layers[0].attention.query_key_value.weight
+        # The embedding holds the activation dtype; linear weights may be int8 when quantized.
+        weight = model.transformer.word_embeddings.weight
         heads = model.transformer.layers[0].attention.local_heads
         shape = (len(model.transformer.layers), batch_size, heads, max_length, model.config.head_dim)
         return cls(torch.zeros(shape, dtype=weight.dtype, device=weight.device),

@@ -11,6 +11,7 @@ from .config import KitConfig, load_config
 from .decoding import StepGraphs
 from .infilling import GenerationResult, TextEvent, fill_blanks
 from .model import GLM
+from .quantization import convert_for_runtime
 from .sampling import GenerationSettings
 from .tokenizer import GLMTokenizer
 
@@ -27,14 +28,23 @@ def _check_device(device: str) -> torch.device:
 
 
 def load_model(config: KitConfig, rank: int = 0, world_size: int = 1) -> GLM:
-    """The model of `config` (or one tensor-parallel rank of it) with its checkpoint weights loaded."""
+    """The model of `config` (or one tensor-parallel rank of it) with its checkpoint weights loaded.
+
+    With `config.quantization` set, the four linear kinds are QuantizedLinear: a checkpoint quantized that
+    way is read as is, an unquantized one is quantized while loading, weight by weight, on the target device.
+    """
     if config.checkpoint is None:
         raise ValueError(f"config {config.name!r} names no checkpoint folder; set `checkpoint:` in it")
     device = _check_device(config.device)
-    state = load_rank_state_dict(config.checkpoint, config.model, rank, world_size, dtype=config.torch_dtype)
-    # Build on the meta device and adopt the loaded tensors, so the model never exists twice in RAM.
+    bits = config.quantization_bits
+    # Tensors go to the device as they are read (and are quantized there), so host RAM never holds the model.
+    state = load_rank_state_dict(config.checkpoint, config.model, rank, world_size, dtype=config.torch_dtype,
+                                 quantization=bits, device=device)
+    # Build on the meta device and adopt the loaded tensors, so the model never exists twice in memory.
     with torch.device("meta"):
         model = GLM(config.model)
+    if bits is not None:
+        convert_for_runtime(model, bits)
     if world_size > 1:
         from .tensor_parallel import resize_for_rank
         resize_for_rank(model, world_size)

@@ -13,6 +13,8 @@ Styles (Megatron layout, see GLM-NOTES.md):
 
 Quantized checkpoints store `<weight name>_scale` with one entry per output row: it follows a column-parallel
 weight's split along dim 0 and is replicated for a row-parallel weight (whose output rows are all local).
+An INT4 weight is stored packed (out, in/2), two adjacent input features per byte, so splitting its dim 1
+is the same split as for the unpacked weight as long as every shard gets whole bytes.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from .quantization import quantized_matmul
 
 # Order does not matter: every name matches at most one pattern. `{i}` stands for a layer index.
 SHARD_TABLE: tuple[tuple[str, str], ...] = (
@@ -219,15 +223,26 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """A linear layer whose input features are split: partial products are summed, then the bias added once."""
+    """A linear layer whose input features are split: partial products are summed, then the bias added once.
 
-    def __init__(self, linear: nn.Linear, group):
+    Wraps an nn.Linear or a glmkit.quantization.QuantizedLinear. It adopts the layer's parameters under their
+    own names (weight, bias, and weight_scale when quantized) so state-dict keys stay SAT's, rather than
+    holding the layer as a child (which would rename them) or beside itself (which would alias parameters
+    that `load_state_dict(assign=True)` or `.to()` may replace).
+    """
+
+    def __init__(self, linear: nn.Module, group):
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias  # (out, in/tp), (out)
+        for name, param in linear.named_parameters(recurse=False):
+            self.register_parameter(name, param)  # weight (out, in/tp) [int8 (out, in*bits/8/tp)], bias (out)
+        self.bits = getattr(linear, "bits", None)  # None: a plain float weight
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        if self.bits is None:
+            partial = F.linear(x, self.weight)
+        else:
+            partial = quantized_matmul(x, self.weight, self.weight_scale, self.bits)  # no bias yet
         dist.all_reduce(partial, group=self.group)
         return partial + self.bias
 
