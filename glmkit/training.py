@@ -180,6 +180,26 @@ def _choose_blanks(text: str, rng: np.random.Generator, settings: ObjectiveSetti
     return sorted(blanks)
 
 
+def heldout_lm_samples(corpus: Corpus, tokenizer: GLMTokenizer, sequence_length: int, limit: int | None = None,
+                       prompt_fraction: float = 0.125) -> list[Sample]:
+    """[gMASK] samples tiling the held-out files in order: a prompt of 1/8 of each window (cut after a
+    whitespace run), the rest generated and scored; windows are sized to fit a row, so few are truncated.
+    With `limit`, that many windows spread evenly over all of them."""
+    samples = []
+    for text, chars_per_token in zip(corpus.texts, corpus.chars_per_token):
+        size = max(1, round(0.85 * sequence_length * chars_per_token))
+        for start in range(0, len(text), size):
+            window = text[start:start + size]
+            space = re.compile(r"\s+").search(window, int(prompt_fraction * len(window)))
+            cut = space.end() if space else len(window)
+            sample = gmask_sample(tokenizer, window[:cut], window[cut:], start + size >= len(text), sequence_length)
+            if sample is not None:
+                samples.append(sample)
+    if limit is not None and limit < len(samples):
+        samples = [samples[i * len(samples) // limit] for i in range(limit)]
+    return samples
+
+
 def random_gmask_sample(corpus: Corpus, tokenizer: GLMTokenizer, rng: np.random.Generator,
                         settings: ObjectiveSettings) -> Sample | None:
     """A [gMASK] sample from a random window: a prompt of random length, the rest generated."""

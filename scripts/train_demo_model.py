@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import sysconfig
@@ -40,8 +39,8 @@ from glmkit.model import GLM
 from glmkit.pipeline import GLMPipeline, load_model
 from glmkit.tensor_parallel import split_tensor
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, MODEL_FILE, NUM_IMAGE_TOKENS, GLMTokenizer
-from glmkit.training import (BatchStream, Corpus, ObjectiveSettings, Sample, TrainSettings, evaluate,
-                             gmask_sample, init_weights, make_batch, pack_rows, perplexity, scored_tokens, train,
+from glmkit.training import (BatchStream, Corpus, ObjectiveSettings, TrainSettings, evaluate, heldout_lm_samples,
+                             init_weights, make_batch, pack_rows, perplexity, scored_tokens, train,
                              unigram_log_probs)
 
 CORPUS_FILE = REPO_ROOT / "artifacts" / "demo-corpus" / "stdlib-corpus.json.gz"
@@ -127,26 +126,6 @@ def load_corpus(path: Path, tokenizer_file: Path) -> dict:
 def split_corpus(corpus: dict, split: str) -> Corpus:
     docs = [d for d in corpus["documents"] if d["split"] == split]
     return Corpus(tuple(d["text"] for d in docs), tuple(len(d["text"]) / max(1, d["num_tokens"]) for d in docs))
-
-
-def heldout_lm_samples(corpus: Corpus, tokenizer: GLMTokenizer, sequence_length: int, limit: int | None = None,
-                       prompt_fraction: float = 0.125) -> list[Sample]:
-    """[gMASK] samples tiling the held-out files in order: a prompt of 1/8 of each window (cut after a
-    whitespace run), the rest generated and scored; windows are sized to fit a row, so few are truncated.
-    With `limit`, that many windows spread evenly over all of them."""
-    samples = []
-    for text, chars_per_token in zip(corpus.texts, corpus.chars_per_token):
-        size = max(1, round(0.85 * sequence_length * chars_per_token))
-        for start in range(0, len(text), size):
-            window = text[start:start + size]
-            space = re.compile(r"\s+").search(window, int(prompt_fraction * len(window)))
-            cut = space.end() if space else len(window)
-            sample = gmask_sample(tokenizer, window[:cut], window[cut:], start + size >= len(text), sequence_length)
-            if sample is not None:
-                samples.append(sample)
-    if limit is not None and limit < len(samples):
-        samples = [samples[i * len(samples) // limit] for i in range(limit)]
-    return samples
 
 
 def corpus_stats(corpus: dict) -> dict:

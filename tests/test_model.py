@@ -99,7 +99,8 @@ def test_left_padded_batch_matches_single_sequences(small_model):
         assert torch.allclose(batch[row], single[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 0.05), (torch.bfloat16, 0.3)])
+# Relative to the largest logit: fp16 keeps 11 mantissa bits, bf16 only 8 (measured: 0.16 % and 2.7 %).
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 0.005), (torch.bfloat16, 0.05)])
 def test_half_precision_paths_track_fp32(demo_config, dtype, tolerance):
     fp32 = load_model(demo_config)
     half = load_model(demo_config.replace(dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]))
@@ -107,7 +108,7 @@ def test_half_precision_paths_track_fp32(demo_config, dtype, tolerance):
     ids, positions, allowed, _ = prefill_inputs([Context(tuple(range(20000, 20040)), 12)], "cpu")
     expected = fp32(ids, positions, allowed)
     got = half(ids, positions, allowed).float()
-    assert (got - expected).abs().max() < tolerance
+    assert (got - expected).abs().max() < tolerance * expected.abs().max()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
 
 

@@ -5,9 +5,10 @@ Documented accuracy bounds (CPU, fp32 activations):
                          2**-9 (INT4): q = round(w / scale) is taken in fp16 like the original tool, and the
                          fp16 quotient (|q| <= 127 resp. 7) is off by at most half an fp16 ulp.
   one linear layer       |y_q - y| <= sum_k |x_k| * scale_n * (1/2 + e) for output n (follows from the above).
-  demo model logits      relative L2 error (||l_q - l|| / ||l||) <= 1e-3 (INT8), 1e-2 (INT4); greedy
-  (glm-tiny, 128         agreement of the argmax at every position >= 0.99 (INT8), 0.95 (INT4).
-  positions)             Measured: 9e-5 and 1.7e-3, agreement 1.0 for both.
+  demo model logits      relative L2 error (||l_q - l|| / ||l||) <= 6e-3 (INT8), 0.1 (INT4); greedy
+  (trained glm-tiny,     agreement of the argmax at every position >= 0.98 (INT8), 0.90 (INT4).
+  196 positions of       Measured: 2.9e-3 and 5.7e-2, agreement 0.995 and 0.949. A 192-wide model has few
+  held-out code)         weights per row to average rounding over, so INT4 costs it more than GLM-130B.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ from glmkit import checkpoint as ckpt
 from glmkit import quantization as qz
 from glmkit.checkpoint import (expected_shapes, inspect_checkpoint, load_rank_state_dict, quantize_checkpoint,
                                read_shard, repack_checkpoint, save_checkpoint, stored_quantization)
-from glmkit.config import GLMConfig, KitConfig
+from glmkit.config import GLMConfig, KitConfig, load_config
 from glmkit.generation import Context, prefill_inputs
 from glmkit.model import GLM
 from glmkit.pipeline import load_model
@@ -205,13 +207,19 @@ def test_shard_model_splits_quantized_row_weights_on_bytes():
 
 @pytest.fixture(scope="module")
 def demo_logits(demo_config):
-    contexts = [Context(tuple(range(20000, 20064)), None), Context(tuple(range(20300, 20364)), 20)]
+    from glmkit.tokenizer import GLMTokenizer
+
+    tokenizer = GLMTokenizer.load(demo_config.tokenizer)  # real code the model never trained on
+    text = (Path(__file__).parent / "data" / "heldout_curses_ascii.py.txt").read_text()
+    end = (tokenizer.gmask_id, tokenizer.sop_id)
+    contexts = [Context(tuple(tokenizer.encode(text[:1500])[:96]) + end, None),
+                Context(tuple(tokenizer.encode(text[2000:3500])[:96]) + end, None)]
     ids, positions, allowed, _ = prefill_inputs(contexts, "cpu")
     with torch.no_grad():
         return (ids, positions, allowed), load_model(demo_config)(ids, positions, allowed)
 
 
-@pytest.mark.parametrize("mode,max_relative,min_agreement", [("int8", 1e-3, 0.99), ("int4", 1e-2, 0.95)])
+@pytest.mark.parametrize("mode,max_relative,min_agreement", [("int8", 6e-3, 0.98), ("int4", 0.1, 0.90)])
 def test_demo_model_logits_within_bounds(demo_config, demo_logits, mode, max_relative, min_agreement):
     inputs, expected = demo_logits
     model = load_model(demo_config.replace(quantization=mode))
@@ -236,7 +244,6 @@ def test_quantized_generation_with_kv_cache(demo_config):
 
 def _tensor_parallel_rank(rank: int, world_size: int, port: int, results: dict) -> None:
     import torch.distributed as dist
-    from glmkit.config import load_config
     from glmkit.tensor_parallel import parallelize
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -271,7 +278,9 @@ def test_int4_tensor_parallel_matches_one_process(demo_config):
         results = dict(results)
     for rank in range(2):
         logits, names, shape = results[rank]
-        assert names == ["bias", "weight", "weight_scale"] and shape == (128, 86)
+        model_config = load_config("glm-tiny").model  # INT4 packs two inputs a byte, split over 2 ranks
+        expected_shape = (model_config.hidden_size, model_config.inner_hidden_size // 2 // 2)
+        assert names == ["bias", "weight", "weight_scale"] and shape == expected_shape
         assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
 
 
@@ -310,13 +319,14 @@ def test_reshard_quantized_two_one_four(demo_config, tmp_path, bits):
     reference = merged(tmp_path / "two")
     for folder in ("one", "four"):
         assert_same(merged(tmp_path / folder), reference)
-    # dense_4h_to_h has 344 inputs: INT4 stores 172 bytes per row, 43 per rank at 4 shards.
+    # dense_4h_to_h has `inner` inputs: INT4 stores inner/2 bytes per row, a quarter of them per rank.
+    hidden, inner = demo_config.model.hidden_size, demo_config.model.inner_hidden_size
     shard = read_shard(inspect_checkpoint(tmp_path / "four").shard_paths[3])
     name = "transformer.layers.2.mlp.dense_4h_to_h.weight"
-    assert shard[name].shape == (128, 344 * bits // 8 // 4)
+    assert shard[name].shape == (hidden, inner * bits // 8 // 4)
     assert torch.equal(shard[name], reference[name][:, 3 * shard[name].shape[1]:])
     assert torch.equal(unpack_int4(shard[name]) if bits == 4 else shard[name],
-                       (unpack_int4(reference[name]) if bits == 4 else reference[name])[:, 258:])
+                       (unpack_int4(reference[name]) if bits == 4 else reference[name])[:, 3 * inner // 4:])
     # Quantized from 2 shards into 4 directly gives the same files.
     quantize_checkpoint(demo_config.checkpoint, tmp_path / "direct", bits, demo_config.model, num_shards=4)
     for a, b in zip(inspect_checkpoint(tmp_path / "direct").shard_paths,
