@@ -1,7 +1,8 @@
-"""The `glmkit` command: run the demo cluster, generate text, inspect or repack SAT checkpoints."""
+"""The `glmkit` command: run the demo cluster, generate text, benchmark, inspect or repack SAT checkpoints."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -94,6 +95,34 @@ def _inspect(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import BenchOptions, resolve_config, run_bench
+
+    name, model, kit = resolve_config(args.config, args.layers)
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        raise ValueError(f"--batches takes comma-separated integers such as 1,8,32, got {args.batches!r}") from None
+    # A YAML config supplies dtype, device and quantization unless they are given here; presets default to
+    # fp16 on CUDA.
+    options = BenchOptions(
+        config=model, config_name=name,
+        dtype=args.dtype or (kit.dtype if kit else "fp16"),
+        device=args.device or (kit.device if kit else "cuda"),
+        quantization=args.quantization or (kit.quantization if kit else None),
+        tp=args.tp, batches=batches, prompt_tokens=args.prompt_tokens, new_tokens=args.tokens,
+        repeats=args.repeats, copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
+        against=args.against, seed=args.seed, verify_context=args.verify_context)
+    with contextlib.redirect_stdout(sys.stderr):  # whatever SAT or torch print, stdout carries only the JSON
+        result = run_bench(options)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="glmkit", description=__doc__)
@@ -134,6 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     repack.add_argument("--config", default="glm-130b", help="config naming the model architecture")
     repack.set_defaults(run=_repack)
 
+    bench = commands.add_parser("bench", help="decode/prefill speed on random weights against the bandwidth "
+                                              "floor; prints one JSON object")
+    bench.add_argument("--config", default="glm-130b", help="preset, config name under configs/, or a YAML path")
+    bench.add_argument("--layers", type=int, help="override the number of layers (e.g. 12 of GLM-130B)")
+    bench.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: the YAML's, else fp16")
+    bench.add_argument("--device", help="default: the YAML's, else cuda")
+    bench.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization")
+    bench.add_argument("--tp", type=int, default=1, help="tensor-parallel processes, one GPU each")
+    bench.add_argument("--batches", default="1", help="comma-separated batch sizes, e.g. 1,8,32")
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (prefill)")
+    bench.add_argument("--tokens", type=int, default=64, help="tokens generated per timed run")
+    bench.add_argument("--repeats", type=int, default=3, help="timed repetitions per median")
+    bench.add_argument("--copy-mib", type=int, help="bandwidth buffer in MiB (default 1024 on GPU, 64 on CPU)")
+    bench.add_argument("--against", choices=["sat"], help="also time SAT's GLM130B on the same weights")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--verify-context", action="store_true",
+                       help="prefill and decode the longest batch-1 context estimated to fit (tp 1)")
+    bench.add_argument("--out", help="also write the JSON to this file")
+    bench.set_defaults(run=_bench)
+
     inspect = commands.add_parser("inspect", help="show a SAT checkpoint's iteration, shards and config")
     inspect.add_argument("dir")
     inspect.set_defaults(run=_inspect)
@@ -142,10 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse `argv` and run the command, turning user errors into one-line messages."""
+    from .sat_reference import SATUnavailableError
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, NotImplementedError, SATUnavailableError) as error:
         print(f"glmkit {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,8 @@ What it does (details and the numbers of a run in docs/fidelity.md):
      checkpoints with 1 and with 2 shards (glmkit.checkpoint.save_checkpoint + split_tensor).
   2. Reference: SAT 0.4.12 `GLM130B`, built from SAT's own argument parser and loaded with SAT's own
      `load_checkpoint`, at model-parallel size 1 (this process) and 2 (two processes, NCCL). Two SAT
-     quirks are patched here, in this script only (see `patch_sat_model`).
+     quirks are patched in the built model's hooks, SAT's files untouched (glmkit.sat_reference,
+     `patch_sat_model`, shared with `glmkit bench --against sat`).
   3. Candidates: glmkit `load_model` from the 1-shard and the 2-shard checkpoint (one process), and
      glmkit at TP=2 (`load_model(config, rank, 2)` + `parallelize`) from both checkpoints.
   4. For a [gMASK] prompt, a [MASK]-in-the-middle prompt and both in one left-padded batch, built with
@@ -49,6 +50,8 @@ from glmkit.generation import Context, next_positions, prefill_inputs  # noqa: E
 from glmkit.infilling import plan_prompt  # noqa: E402
 from glmkit.model import KVCache  # noqa: E402
 from glmkit.pipeline import load_model  # noqa: E402
+from glmkit.sat_reference import (SATRunner, close_distributed, init_distributed,  # noqa: E402
+                                  load_sat_checkpoint, patch_sat_model)
 from glmkit.tensor_parallel import parallelize, split_tensor  # noqa: E402
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, GLMTokenizer  # noqa: E402
 
@@ -159,128 +162,14 @@ def build_cases(config: GLMConfig) -> tuple[dict[str, list[Context]], str]:
 
 
 # ----------------------------------------------------------------------------- SAT reference
-
-def sat_args(config: GLMConfig, mp_size: int, fp16: bool, device):
-    """A Namespace from SAT's own parser, as GLM-130B's configs/model_glm_130b.sh passes it.
-
-    sat.arguments.get_args imports DeepSpeed (not installed), so the parser is assembled from the
-    same pieces it uses: add_model_config_args plus GLM130B's model-specific args.
-    """
-    from sat.arguments import add_model_config_args
-    from sat.model.official.glm130B_model import GLM130B
-    parser = argparse.ArgumentParser()
-    add_model_config_args(parser)
-    GLM130B.add_model_specific_args(parser)
-    args = parser.parse_args([
-        "--num-layers", str(config.num_layers), "--hidden-size", str(config.hidden_size),
-        "--inner-hidden-size", str(config.inner_hidden_size), "--vocab-size", str(config.vocab_size),
-        "--num-attention-heads", str(config.num_attention_heads),
-        "--max-sequence-length", str(config.max_sequence_length),
-        "--layernorm-order", "post", "--skip-init", "--model-parallel-size", str(mp_size),
-        "--hidden-dropout", "0", "--attention-dropout", "0",
-    ])
-    args.fp16, args.bf16 = fp16, False
-    args.mode = "inference"
-    args.device = device
-    return args
-
-
-def patch_sat_model(model, mp_size: int) -> None:
-    """Work around two SAT 0.4.12 quirks in this model's hook table (SAT's own files stay untouched).
-
-    BaseModel.forward copies `model.hooks` into the transformer's hook dict (which every layer's
-    attention shares) on each call, so replacing entries here takes effect for the whole model.
-    """
-    from sat.mpu import gather_from_model_parallel_region
-    hooks = model.hooks
-    attention_fn = hooks["attention_fn"]  # SelfAttentionWithFP32SoftmaxMixin.attention_fn
-
-    def attention_fn_with_bool_mask(query, key, value, mask, *args, **kwargs):
-        # Quirk 1: BaseTransformer.forward does `attention_mask.type_as(next(self.parameters()))`, so
-        # GLM-130B's bool mask (True = masked) reaches the hook as fp16 0./1.; without apex the hook
-        # runs `attention_scores.masked_fill_(attention_mask, -10000.0)`, which needs a bool mask and
-        # raises on fp16. The values are exactly 0 and 1, so `.bool()` restores the mask losslessly.
-        if mask.dtype != torch.bool:
-            mask = mask.bool()
-        return attention_fn(query, key, value, mask, *args, **kwargs)
-
-    hooks["attention_fn"] = attention_fn_with_bool_mask
-    if mp_size > 1:
-        final_forward = hooks["final_forward"]  # FinalForwardMixin.final_forward
-
-        def final_forward_gathered(logits, **kwargs):
-            # Quirk 2: FinalForwardMixin.final_forward multiplies by this rank's vocab slice of the word
-            # embeddings and ignores `parallel_output`, so each rank returns vocab/mp logits. Gather the
-            # slices along the vocab dim in rank order, as Megatron's gather_output would.
-            return gather_from_model_parallel_region(final_forward(logits, **kwargs))
-
-        hooks["final_forward"] = final_forward_gathered
-
-
-def check_sat_weights(model, shard_path: Path) -> dict:
-    """Every tensor SAT loaded equals the file's, and every parameter came from the file."""
-    module = torch.load(shard_path, map_location="cpu", weights_only=True)["module"]
-    state = model.state_dict()
-    not_in_model = sorted(k for k in module if k not in state)
-    not_loaded = sorted(k for k in state if k not in module and not k.endswith("inv_freq"))
-    # Compared in the file's dtype: an fp32 model holding fp16 checkpoint values casts back exactly.
-    unequal = sorted(k for k in module
-                     if k in state and not torch.equal(state[k].cpu().to(module[k].dtype), module[k]))
-    if not_in_model or not_loaded or unequal:
-        raise RuntimeError(f"SAT did not load {shard_path} faithfully: not in model {not_in_model}, "
-                           f"not loaded {not_loaded}, unequal {unequal}")
-    return {"tensors_checked": len(module)}
-
+# Building, loading and patching SAT's GLM130B, and its filling_sequence-shaped runner, live in
+# glmkit.sat_reference (shared with `glmkit bench --against sat`).
 
 def load_sat(config: GLMConfig, ckpt: Path, mp_size: int, device, fp16: bool = True, patch: bool = True):
     """SAT's GLM130B loaded the way GLM-130B's initialize.py does it, plus a check of the loaded weights."""
-    from sat.model.official.glm130B_model import GLM130B
-    from sat.mpu import get_model_parallel_rank
-    from sat.training.model_io import load_checkpoint
-    args = sat_args(config, mp_size, fp16, device)
-    args.load = str(ckpt)
-    # initialize.py: GLM130B(args).half(); load_checkpoint(model, args); model.to(args.device); eval().
-    # (sat.model.base_model.get_model cannot build it: it passes params_dtype, which GLM130B rejects.)
-    model = GLM130B(args)
-    if os.environ.get("FIDELITY_SAT_NO_JIT_FUSION") == "1":
-        torch._C._jit_override_can_fuse_on_gpu(False)  # GLM130B.__init__ set it True
-    if fp16:
-        model = model.half()
-    load_checkpoint(model, args)  # reads mp_rank_<this rank>; warns only on unexpected keys: checked below
-    model = model.to(device).eval()
-    shard = ckpt / "1" / f"mp_rank_{get_model_parallel_rank():02d}_model_states.pt"
-    check = check_sat_weights(model, shard)
-    with torch.no_grad():
-        # initialize.py's warm-up call that builds the rotary cache for every position up to the maximum
-        # (its 1x1 all-masked bool mask takes the hook's "auto-regressive, skip" branch, so no quirk).
-        one = torch.ones(1, 1, device=device, dtype=torch.int64)
-        model(one, one * config.max_sequence_length, torch.ones(1, 1, 1, 1, device=device, dtype=torch.bool))
-    if patch:
-        patch_sat_model(model, mp_size)
-    return model, check
-
-
-class SATRunner:
-    """Prefill and decode with SAT's GLM130B the way filling_sequence calls it (mask True = masked)."""
-
-    def __init__(self, model):
-        from sat.generation.autoregressive_sampling import update_mems
-        self.model, self.update_mems, self.mems = model, update_mems, None
-
-    def _call(self, ids, positions, allowed):
-        logits, *per_layer = self.model(input_ids=ids, position_ids=positions, attention_mask=~allowed,
-                                        mems=self.mems, log_attention_weights=None, encoder_outputs=None)
-        # filling_sequence: mem_kv of every layer -> update_mems -> (layers, b, cached length, 2*h/mp)
-        self.mems = self.update_mems([o["mem_kv"] for o in per_layer], self.mems, max_memory_length=100000)
-        return logits
-
-    def prefill(self, ids, positions, allowed, total_length):
-        self.mems = None
-        return self._call(ids, positions, allowed)
-
-    def step(self, ids, positions, allowed, start):
-        assert self.mems.shape[2] == start, (self.mems.shape, start)
-        return self._call(ids, positions, allowed)[:, -1]
+    # An environment variable rather than an argument, so the spawned TP workers see it too.
+    return load_sat_checkpoint(config, ckpt, mp_size, device, fp16=fp16, patch=patch,
+                               jit_fusion=os.environ.get("FIDELITY_SAT_NO_JIT_FUSION") != "1")
 
 
 class KitRunner:
@@ -354,18 +243,7 @@ def kit_config(config: GLMConfig, ckpt: Path, dtype: str, device) -> KitConfig:
     return KitConfig(name="fidelity", model=config, checkpoint=ckpt, dtype=dtype, device=str(device))
 
 
-def init_dist(rank: int, world: int, port: int, backend: str) -> None:
-    import torch.distributed as dist
-    from sat import mpu
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    mpu.initialize_model_parallel(world)  # SAT's _simple_init then finds it initialised and keeps it
-
-
-def close_dist() -> None:
-    import torch.distributed as dist
-    from sat import mpu
-    mpu.destroy_model_parallel()
-    dist.destroy_process_group()
+init_dist, close_dist = init_distributed, close_distributed
 
 
 def free_port() -> int:

@@ -1,0 +1,603 @@
+"""`glmkit bench`: decode and prefill speed of a GLM against the memory-bandwidth floor, on random weights.
+
+Decoding one token reads every weight once, so the floor of a decode step is weight bytes ÷ memory
+bandwidth. `run_bench` builds a model of any GLMConfig with random weights directly on the device (a
+meta-device model, then one tensor at a time, so the host never holds it), optionally tensor-parallel
+over `tp` processes, measures the device's copy bandwidth, and times:
+  - the real generation path: `glmkit.generation.generate_tokens` with `glmkit.decoding.StepGraphs`
+    (what GLMPipeline and the engines use on GPU), per generated token;
+  - the fixed-shape decode step alone: CUDA-graph replays, and the same step launched eagerly, so the
+    Python overhead of the generation loop and the launch overhead are both visible;
+  - prefill of a prompt;
+  - optionally SAT's own GLM130B (`against="sat"`), patched, on the very same weight tensors, decoding
+    in filling_sequence's shape (glmkit.sat_reference).
+It returns one JSON-ready dict; RESULT_KEYS and BATCH_KEYS document every key. GPU numbers come from CUDA
+events or synchronised host clocks, after warm-up, as medians over repeats. On CPU the same code runs
+(tiny configs, for tests): graphs are off, the bandwidth is a host memcpy and memory comes from the OS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DTYPES, PRESETS, QUANTIZATION_BITS, GLMConfig, load_config
+from .decoding import DecodeStep, StepGraphs
+from .generation import Context, generate_tokens, prefill_inputs
+from .model import GLM
+from .sampling import GenerationSettings
+
+# Every top-level key of the result, with its meaning (tests check that all are present).
+RESULT_KEYS = {
+    "config_name": "preset or YAML the architecture came from",
+    "config": "the GLMConfig measured (num_layers after any --layers override)",
+    "dtype": "fp16, bf16 or fp32: weights and activations",
+    "quantization": "null, int8 or int4 (weight-only)",
+    "tp": "tensor-parallel processes (one GPU each)",
+    "device": "the device's name (rank 0), or 'cpu'",
+    "torch": "torch version",
+    "prompt_tokens": "prompt length of each sequence (prefill)",
+    "new_tokens": "tokens generated per sequence in each timed run",
+    "repeats": "timed repetitions behind each median",
+    "parameters_per_gpu": "parameters held by one rank",
+    "weight_bytes_per_gpu": "bytes of those parameters: what one decode step must read at least",
+    "build_seconds": "time to materialise the random model on the device",
+    "copy_bytes": "size of the buffer copied to measure bandwidth",
+    "copy_bandwidth_gbs": "device-to-device copy, (bytes read + bytes written) / time, 1e9 B/s",
+    "copy_read_only_equivalent_gbs": "the same copy counting bytes read only (half of the above)",
+    "read_bandwidth_gbs": "a read-only pass (sum reduction) over the same buffer, bytes read / time",
+    "bandwidth_floor_ms": "weight_bytes_per_gpu / copy_bandwidth_gbs: no decode step can be faster",
+    "prefill_ms": "batch-1 prefill of prompt_tokens tokens (model forward filling the KV cache)",
+    "ms_per_token": "batch-1 decode, real generation path (generate_tokens + StepGraphs), ms per token",
+    "step_ms": "batch-1 decode step alone: CUDA-graph replay (eager on CPU), ms",
+    "floor_fraction": "bandwidth_floor_ms / ms_per_token (1.0 = at the floor)",
+    "floor_fraction_step": "bandwidth_floor_ms / step_ms",
+    "batches": "one record per batch size (BATCH_KEYS)",
+    "batch_throughput_ratio": "tokens/s at the largest batch ÷ tokens/s at batch 1 (generation path)",
+    "batch_throughput_ratio_batch": "the largest batch size measured",
+    "peak_gpu_bytes": "peak allocated device memory of glmkit's part of the run (rank 0; null on CPU)",
+    "peak_gpu_bytes_per_rank": "the same for every rank",
+    "device_memory_bytes": "total memory of the device (host RAM on CPU)",
+    "kv_cache_bytes_per_token": "KV cache bytes per token of context per rank (all layers, keys and values)",
+    "max_context_tokens": "longest batch-1 context whose KV cache fits the memory left after the weights and "
+                          "the measured decode workspace (not capped by max_sequence_length)",
+    "max_context_tokens_with_prefill": "the same, also leaving room for a one-shot prefill of that length "
+                                       "(attention scores and MLP activations, estimated)",
+    "context_check": "with verify_context: the context length actually prefilled and decoded, and whether it "
+                     "fit; else null",
+    "logits_finite": "the batch-1 prefill logits are all finite (random weights did not overflow)",
+    "sat": "with against='sat': SAT GLM130B's numbers on the same weights (SAT_KEYS); else null",
+    "speedup_vs_sat": "SAT ms_per_token ÷ glmkit ms_per_token at batch 1; null without SAT",
+    "seconds": "wall time of the whole run",
+}
+BATCH_KEYS = {
+    "batch": "sequences decoded together",
+    "ms_per_token": "ms per decode step of the whole batch, real generation path (median over steps and runs)",
+    "step_ms": "the fixed-shape decode step alone: graph replay on GPU, eager on CPU",
+    "eager_step_ms": "the same step launched op by op (no graph)",
+    "python_overhead_ms": "ms_per_token - step_ms: sampling, host loop and input copies",
+    "tokens_per_s": "batch * 1000 / ms_per_token",
+    "throughput_vs_batch1": "tokens_per_s ÷ tokens_per_s at batch 1",
+    "floor_fraction": "bandwidth_floor_ms / ms_per_token",
+    "prefill_ms": "prefill of batch x prompt_tokens tokens",
+    "kv_cache_bytes": "bytes of this batch's KV cache (fixed shape, cache length rounded up)",
+    "cache_length": "positions in that cache",
+    "peak_gpu_bytes": "peak allocated device memory while measuring this batch (null on CPU)",
+}
+SAT_KEYS = {
+    "ms_per_token": "batch-1 decode in filling_sequence's shape, host clock per token (median)",
+    "forward_ms": "batch-1 model call alone per decode step (CUDA events, median)",
+    "prefill_ms": "batch-1 prompt forward up to the first token on the host",
+    "batches": "per batch: batch, ms_per_token, forward_ms, prefill_ms, tokens_per_s",
+    "prefill_max_abs_diff": "max |logits_SAT - logits_glmkit| of the batch-1 prefill: same weights, same model",
+    "peak_gpu_bytes": "peak allocated device memory of SAT's part of the run (rank 0)",
+}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure: the architecture, precision, device, parallelism and run lengths."""
+
+    config: GLMConfig
+    config_name: str = "custom"
+    dtype: str = "fp16"
+    device: str = "cuda"
+    quantization: str | None = None  # None, "int8" or "int4"
+    tp: int = 1
+    batches: tuple[int, ...] = (1,)
+    prompt_tokens: int = 128
+    new_tokens: int = 64
+    repeats: int = 3
+    copy_bytes: int | None = None  # None: 1 GiB on CUDA, 64 MiB on CPU
+    against: str | None = None  # "sat": SAT's GLM130B on the same weights
+    seed: int = 0
+    verify_context: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_BITS:
+            raise ValueError(f"quantization must be one of {sorted(QUANTIZATION_BITS)} or None, "
+                             f"got {self.quantization!r}")
+        object.__setattr__(self, "batches", tuple(self.batches))
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ValueError(f"batches must be positive sizes, got {self.batches}")
+        if self.tp < 1:
+            raise ValueError(f"tp must be at least 1, got {self.tp}")
+        self.config.check_shardable(self.tp)
+        if self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1:
+            raise ValueError("prompt_tokens >= 1, new_tokens >= 2 and repeats >= 1 are needed")
+        if self.prompt_tokens + self.new_tokens > self.config.max_sequence_length:
+            raise ValueError(f"prompt_tokens + new_tokens = {self.prompt_tokens + self.new_tokens} exceeds "
+                             f"max_sequence_length {self.config.max_sequence_length}")
+        if self.against not in (None, "sat"):
+            raise ValueError(f"against must be None or 'sat', got {self.against!r}")
+        if self.against == "sat" and (self.dtype != "fp16" or self.quantization is not None):
+            raise ValueError("--against sat needs --dtype fp16 without quantization: SAT's GLM130B runs fp16 "
+                             "only (it casts attention probabilities with .half())")
+        if self.verify_context and self.tp > 1:
+            raise ValueError("verify_context runs at tp=1 only (an out-of-memory on one rank would leave the "
+                             "others waiting in a collective)")
+
+
+def resolve_config(name_or_path: str, layers: int | None = None):
+    """(name, GLMConfig, KitConfig or None) for a preset name, a config under configs/ or a YAML path."""
+    kit = None
+    try:
+        kit = load_config(name_or_path)
+        config = kit.model
+    except FileNotFoundError:
+        if name_or_path not in PRESETS:
+            raise FileNotFoundError(f"{name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor a config "
+                                    f"name under configs/ nor a YAML path") from None
+        config = PRESETS[name_or_path]
+    if layers is not None:
+        config = dataclasses.replace(config, num_layers=layers)
+    name = Path(name_or_path).stem if kit is None else kit.name
+    return name, config, kit
+
+
+# ----------------------------------------------------------------------------- random model on the device
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    path, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(path), attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _random_fill(tensor: torch.Tensor, name: str, generator: torch.Generator) -> torch.Tensor:
+    # Never zeros (they can run faster than real data); small enough that 70 fp16 layers stay finite.
+    if "layernorm" in name and name.endswith("weight"):
+        return tensor.normal_(1.0, 0.1, generator=generator)
+    return tensor.normal_(0.0, 0.02, generator=generator)
+
+
+def _quantization_api():
+    """The two functions of glmkit.quantization a quantized random model needs (NotImplementedError if absent)."""
+    try:
+        from .quantization import convert_for_runtime, quantize_weight
+    except ImportError as error:
+        raise NotImplementedError(
+            f"quantized bench needs glmkit.quantization.convert_for_runtime(model, bits) (swap the four linear "
+            f"kinds for empty QuantizedLinear on the meta device) and quantize_weight(w, bits) -> (q, scale); "
+            f"they are not available yet ({error})") from None
+    return convert_for_runtime, quantize_weight
+
+
+@torch.no_grad()
+def build_random_model(config: GLMConfig, dtype: torch.dtype, device: str | torch.device, *,
+                       quantization: str | None = None, rank: int = 0, world_size: int = 1, group=None,
+                       seed: int = 0) -> GLM:
+    """A GLM (or rank `rank` of a `world_size`-way tensor-parallel one) with random weights made on `device`.
+
+    Built on the meta device, then each parameter is created and filled on `device` one at a time, so
+    neither the host nor the device ever holds more than the model plus one tensor. Replicated tensors
+    (LayerNorms, row-parallel biases) are equal on every rank. With `quantization`, the four linear
+    weights of each layer are drawn in `dtype` and quantized on the device (glmkit.quantization).
+    """
+    from .tensor_parallel import parallelize, resize_for_rank, shard_style
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = GLM(config)
+    bits = None if quantization is None else QUANTIZATION_BITS[quantization]
+    if bits is not None:
+        convert_for_runtime, quantize_weight = _quantization_api()
+        convert_for_runtime(model, bits)
+    if world_size > 1:
+        resize_for_rank(model, world_size)
+    generator = torch.Generator(device=device)
+    done = set()
+    for index, (name, param) in enumerate(list(model.named_parameters())):
+        if name in done:
+            continue
+        split = shard_style(name) != "replicate"
+        generator.manual_seed(seed * 1_000_003 + index * 7919 + (rank if split else 0))
+        if param.dtype == torch.int8:  # a quantized weight: draw the float weight, quantize it here
+            in_features = param.shape[1] * 8 // bits
+            weight = _random_fill(torch.empty(param.shape[0], in_features, dtype=dtype, device=device), name,
+                                  generator)
+            q, scale = quantize_weight(weight, bits)
+            del weight
+            _set_param(model, name, q)
+            _set_param(model, name + "_scale", scale)
+            done.add(name + "_scale")
+            continue
+        _set_param(model, name, _random_fill(torch.empty(param.shape, dtype=dtype, device=device), name, generator))
+    return parallelize(model.eval(), rank, world_size, group)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers of `model` (one rank's share when tensor-parallel)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------- clocks and bandwidth
+
+class Clock:
+    """Times device work: CUDA events on a GPU, perf_counter on the CPU (which runs synchronously)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn, repeats: int, warmup: int = 1) -> list[float]:
+        """Run `fn` warmup times, then time each of `repeats` runs; milliseconds per run."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                started = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - started) * 1e3)
+        return times
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 20) -> dict:
+    """Copy bandwidth (read + write), its read-only equivalent, and a read-only reduction, in 1e9 B/s."""
+    clock = Clock(device)
+    # Random values, never zeros; fp16 on a GPU, fp32 on a CPU (whose half arithmetic is emulated).
+    dtype = torch.float16 if clock.cuda else torch.float32
+    count = nbytes // torch.empty(0, dtype=dtype).element_size()
+    src = torch.empty(count, dtype=dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    actual = count * src.element_size()
+    copy = statistics.median(clock.time_ms(lambda: dst.copy_(src), repeats, warmup=3))
+    read = statistics.median(clock.time_ms(lambda: src.sum(dtype=torch.float32), repeats, warmup=3))
+    src = dst = None  # free both buffers before the model is built
+    if clock.cuda:
+        torch.cuda.empty_cache()
+    return {"copy_bytes": actual,
+            "copy_bandwidth_gbs": 2 * actual / copy / 1e6,
+            "copy_read_only_equivalent_gbs": actual / copy / 1e6,
+            "read_bandwidth_gbs": actual / read / 1e6}
+
+
+def _memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return {"free": free + cached, "total": total}
+    try:
+        import psutil
+        info = psutil.virtual_memory()
+        return {"free": info.available, "total": info.total}
+    except ImportError:  # pragma: no cover - psutil comes with jupyter/ipyparallel
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return {"free": pages * size, "total": os.sysconf("SC_PHYS_PAGES") * size}
+
+
+def _peak(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _free_cached(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def random_contexts(config: GLMConfig, batch: int, length: int, seed: int) -> list[Context]:
+    """`batch` random prompts of `length` ids (the same on every rank: they come from `seed`)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
+    return [Context(tuple(row)) for row in ids.tolist()]
+
+
+def _generation_intervals(model, contexts, new_tokens: int, steps: StepGraphs) -> list[float]:
+    """ms between consecutive generated tokens of the real generation path (row 0's callbacks)."""
+    stamps = []
+
+    def on_token(index, token, record):
+        if index == 0:  # called after the step's tokens reached the host (`.tolist()` synchronises)
+            stamps.append(time.perf_counter())
+
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+    generate_tokens(model, contexts, settings, end_tokens=(), on_token=on_token, steps=steps)
+    if len(stamps) != new_tokens:
+        raise RuntimeError(f"generation produced {len(stamps)} tokens, expected {new_tokens}")
+    return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+
+
+@torch.no_grad()
+def measure_batch(model: GLM, steps: StepGraphs, batch: int, options: BenchOptions, clock: Clock) -> dict:
+    """Decode (generation path, graph replay, eager step) and prefill timings at one batch size."""
+    device = clock.device
+    steps.clear()
+    _free_cached(device)
+    _reset_peak(device)
+    contexts = random_contexts(model.config, batch, options.prompt_tokens, options.seed + batch)
+    step = steps.step_for(batch, options.prompt_tokens + options.new_tokens)  # the one generation will use
+    _generation_intervals(model, contexts, options.new_tokens, steps)  # warm-up (and graph capture)
+    intervals = []
+    for _ in range(options.repeats):
+        intervals += _generation_intervals(model, contexts, options.new_tokens, steps)
+    ms_per_token = statistics.median(intervals)
+
+    ids, positions, allowed, _ = prefill_inputs(contexts, device)
+    prefill = statistics.median(clock.time_ms(
+        lambda: model(ids, positions, allowed, step.cache, 0, last_only=True), options.repeats))
+
+    # The step's input buffers still hold the last generated token: replay it as is. Blocks of
+    # new_tokens steps, so a block lasts long enough for event timing on a fast GPU.
+    block = options.new_tokens
+
+    def replay():
+        for _ in range(block):
+            step.graph.replay()
+
+    def eager():
+        for _ in range(block):
+            step._run()
+
+    eager_ms = statistics.median(clock.time_ms(eager, options.repeats)) / block
+    step_ms = statistics.median(clock.time_ms(replay, options.repeats)) / block if step.graph else eager_ms
+    cache = step.cache
+    return {"batch": batch, "ms_per_token": ms_per_token, "step_ms": step_ms, "eager_step_ms": eager_ms,
+            "python_overhead_ms": ms_per_token - step_ms, "tokens_per_s": batch * 1e3 / ms_per_token,
+            "prefill_ms": prefill,
+            "kv_cache_bytes": (cache.keys.numel() + cache.values.numel()) * cache.keys.element_size(),
+            "cache_length": cache.max_length, "peak_gpu_bytes": _peak(device)}
+
+
+def prefill_workspace_bytes(config: GLMConfig, world_size: int, length: int, element: int) -> int:
+    """Estimated temporaries of a one-shot batch-1 prefill of `length` tokens on one rank, in bytes."""
+    # glmkit's attention holds (local heads, L, L) scores in the model dtype, a masked copy, and fp32
+    # copies for the softmax and its output: about (2 * element + 8) bytes per score. The MLP holds
+    # (L, 2 * inner / tp) activations about twice.
+    heads, inner = config.num_attention_heads // world_size, config.inner_hidden_size // world_size
+    return heads * length * length * (2 * element + 8) + 2 * length * 2 * inner * element
+
+
+def context_limits(config: GLMConfig, world_size: int, memory_free: int, workspace: int, kv_per_token: int,
+                   element: int) -> tuple[int, int]:
+    """Longest batch-1 context (tokens) whose KV cache fits, alone and with room for its one-shot prefill."""
+    budget = memory_free - workspace
+    decode = max(0, budget // kv_per_token)
+    low, high = 0, decode
+    while low < high:  # the largest L with kv(L) + prefill(L) <= budget
+        mid = (low + high + 1) // 2
+        if mid * kv_per_token + prefill_workspace_bytes(config, world_size, mid, element) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return decode, low
+
+
+@torch.no_grad()
+def check_context(model: GLM, length: int, clock: Clock, seed: int) -> dict:
+    """Prefill length-1 random tokens into a cache of `length` and decode one step: does it fit?"""
+    device = clock.device
+    _reset_peak(device)
+    try:
+        # Eager, not captured: an out-of-memory inside a graph capture surfaces as a capture error. A
+        # batch-1 graph's private pool holds only one step's temporaries, a few MB at GLM-130B's shape.
+        step = DecodeStep(model, 1, length, use_graphs=False)
+        contexts = random_contexts(model.config, 1, length - 1, seed)
+        ids, positions, allowed, _ = prefill_inputs(contexts, device)
+        model(ids, positions, allowed, step.cache, 0, last_only=True)
+        keys = torch.arange(length)[None, None, None, :]
+        step(ids[:, -1:], positions[:, -1:] + 1, length - 1, (keys <= length - 1).to(device))
+        clock.sync()
+        result = {"tokens": length, "fits": True, "peak_gpu_bytes": _peak(device)}
+    except torch.cuda.OutOfMemoryError as error:
+        result = {"tokens": length, "fits": False, "error": str(error).splitlines()[0]}
+    step = None
+    _free_cached(device)
+    return result
+
+
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _gather(value, world_size: int) -> list:
+    if world_size == 1:
+        return [value]
+    import torch.distributed as dist
+    values = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, group=None) -> dict:
+    """The measurements of one process (rank); rank 0's result is the run's result."""
+    started = time.perf_counter()
+    device = torch.device(options.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    clock = Clock(device)
+    copy_bytes = options.copy_bytes or (2**30 if clock.cuda else 64 * 2**20)
+    _log(rank, f"bandwidth: copying {copy_bytes / 2**20:.0f} MiB")
+    bandwidth = measure_bandwidth(device, copy_bytes)
+
+    _log(rank, f"building {options.config.num_layers} layers, {options.dtype}, quantization "
+               f"{options.quantization}, tp {world_size}")
+    _reset_peak(device)
+    mark = time.perf_counter()
+    model = build_random_model(options.config, DTYPES[options.dtype], device, quantization=options.quantization,
+                               rank=rank, world_size=world_size, group=group, seed=options.seed)
+    clock.sync()
+    build_seconds = time.perf_counter() - mark
+    build_peak = _peak(device)
+    weights_allocated = torch.cuda.memory_allocated(device) if clock.cuda else None
+    weights = weight_bytes(model)
+    floor_ms = weights / (bandwidth["copy_bandwidth_gbs"] * 1e6)
+
+    steps = StepGraphs(model, use_graphs=clock.cuda)
+    records = []
+    with torch.no_grad():
+        contexts = random_contexts(model.config, 1, options.prompt_tokens, options.seed + 1)
+        finite = bool(torch.isfinite(model(*prefill_inputs(contexts, device)[:3], last_only=True)).all())
+    for batch in options.batches:
+        _log(rank, f"batch {batch}: generation path, graph replay, eager step, prefill")
+        records.append(measure_batch(model, steps, batch, options, clock))
+    base = next((r for r in records if r["batch"] == 1), None)
+    for record in records:
+        record["throughput_vs_batch1"] = record["tokens_per_s"] / base["tokens_per_s"] if base else None
+        record["floor_fraction"] = floor_ms / record["ms_per_token"]
+
+    # Memory left for context at batch 1, after the weights and a batch-1 decode's workspace.
+    steps.clear()
+    _free_cached(device)
+    one = DecodeStep(model, 1, 1, use_graphs=False).cache
+    element = one.keys.element_size()
+    kv_per_token = (one.keys.numel() + one.values.numel()) * element
+    del one
+    memory = _memory(device)
+    workspace = 0
+    if base is not None and clock.cuda:
+        workspace = max(0, base["peak_gpu_bytes"] - weights_allocated - base["kv_cache_bytes"])
+    max_context, max_context_prefill = context_limits(options.config, world_size, memory["free"], workspace,
+                                                      kv_per_token, element)
+    context = None
+    if options.verify_context:
+        length = max(2, min(max_context_prefill, options.config.max_sequence_length))
+        _log(rank, f"checking a batch-1 context of {length} tokens")
+        context = check_context(model, length, clock, options.seed)
+    peak = max([p for p in [build_peak] + [r["peak_gpu_bytes"] for r in records] if p is not None], default=None)
+
+    sat_result = None
+    if options.against == "sat":
+        from .sat_reference import time_sat_decode
+
+        _log(rank, "SAT GLM130B on the same weights")
+        _free_cached(device)
+        _reset_peak(device)
+        # Batch b's prompts are the ones glmkit decoded at batch b (same seeds).
+        prompts = {b: random_contexts(model.config, b, options.prompt_tokens, options.seed + b)
+                   for b in options.batches}
+        sat_result = time_sat_decode(model, prompts, options.new_tokens, options.repeats, device, world_size)
+        sat_result["peak_gpu_bytes"] = _peak(device)
+        _free_cached(device)
+    peaks = _gather(peak, world_size)
+    largest = max(records, key=lambda r: r["batch"])
+    result = {
+        "config_name": options.config_name, "config": dataclasses.asdict(options.config),
+        "dtype": options.dtype, "quantization": options.quantization, "tp": world_size,
+        "device": torch.cuda.get_device_name(device) if clock.cuda else "cpu", "torch": torch.__version__,
+        "prompt_tokens": options.prompt_tokens, "new_tokens": options.new_tokens, "repeats": options.repeats,
+        "parameters_per_gpu": sum(p.numel() for p in model.parameters()),
+        "weight_bytes_per_gpu": weights, "build_seconds": build_seconds, **bandwidth,
+        "bandwidth_floor_ms": floor_ms,
+        "prefill_ms": base["prefill_ms"] if base else None,
+        "ms_per_token": base["ms_per_token"] if base else None,
+        "step_ms": base["step_ms"] if base else None,
+        "floor_fraction": floor_ms / base["ms_per_token"] if base else None,
+        "floor_fraction_step": floor_ms / base["step_ms"] if base else None,
+        "batches": records,
+        "batch_throughput_ratio": largest["throughput_vs_batch1"],
+        "batch_throughput_ratio_batch": largest["batch"],
+        "peak_gpu_bytes": peak, "peak_gpu_bytes_per_rank": peaks,
+        "device_memory_bytes": memory["total"],
+        "kv_cache_bytes_per_token": kv_per_token,
+        "max_context_tokens": max_context, "max_context_tokens_with_prefill": max_context_prefill,
+        "context_check": context, "logits_finite": finite,
+        "sat": sat_result,
+        "speedup_vs_sat": (sat_result["ms_per_token"] / base["ms_per_token"]
+                           if sat_result and base and sat_result["ms_per_token"] else None),
+        "seconds": time.perf_counter() - started,
+    }
+    return result
+
+
+def _rank_main(rank: int, options: BenchOptions, port: int, result_path: str) -> None:
+    import torch.distributed as dist
+
+    sys.stdout = sys.stderr  # the parent prints the JSON; nothing else may reach stdout
+    cuda = torch.device(options.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=options.tp)
+    try:
+        result = bench_process(options, rank, options.tp, dist.group.WORLD)
+        if rank == 0:
+            Path(result_path).write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        if options.against == "sat":
+            from sat import mpu
+            mpu.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def check_can_run(options: BenchOptions) -> None:
+    """Fail fast, before any GPU work, on what would fail later (missing GPUs, SAT, quantization)."""
+    device = torch.device(options.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {options.device} asked for, but this machine has no CUDA GPU; "
+                             f"use --device cpu")
+        if options.tp > torch.cuda.device_count():
+            raise ValueError(f"--tp {options.tp} needs {options.tp} GPUs; {torch.cuda.device_count()} visible")
+    if options.quantization is not None:
+        _quantization_api()
+    if options.against == "sat":
+        from .sat_reference import require_sat
+        require_sat(need_cuda=True)
+
+
+def run_bench(options: BenchOptions) -> dict:
+    """Measure `options` (in `tp` processes when tp > 1) and return the result dict (RESULT_KEYS)."""
+    check_can_run(options)
+    if options.tp == 1:
+        return bench_process(options)
+    import torch.multiprocessing as mp
+
+    from .engine import free_port
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "result.json"
+        mp.spawn(_rank_main, args=(options, free_port(), str(path)), nprocs=options.tp, join=True)
+        return json.loads(path.read_text())

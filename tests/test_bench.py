@@ -1,0 +1,216 @@
+"""`glmkit bench` on CPU with tiny shapes: every documented key, byte counts, floor arithmetic, TP, SAT errors."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+
+from glmkit import bench
+from glmkit.bench import (BATCH_KEYS, RESULT_KEYS, BenchOptions, build_random_model, context_limits,
+                          prefill_workspace_bytes, weight_bytes)
+from glmkit.cli import main
+from glmkit.config import GLMConfig, load_config
+from glmkit.generation import Context, generate_tokens
+from glmkit.sampling import GenerationSettings
+
+TINY = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=96, vocab_size=256,
+                 max_sequence_length=128)
+FAST = ["--device", "cpu", "--tokens", "3", "--prompt-tokens", "6", "--repeats", "1", "--copy-mib", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_result():
+    """One CLI run on the shipped glm-tiny config (fp32 on CPU), batches 1 and 2, with the context check."""
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["bench", "--config", "glm-tiny", "--batches", "1,2", "--verify-context", *FAST]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_json_has_every_documented_key_with_sane_values(tiny_result):
+    r = tiny_result
+    assert set(RESULT_KEYS) <= set(r), set(RESULT_KEYS) - set(r)
+    assert [b["batch"] for b in r["batches"]] == [1, 2]
+    for record in r["batches"]:
+        assert set(BATCH_KEYS) <= set(record), set(BATCH_KEYS) - set(record)
+        for key in ("ms_per_token", "step_ms", "eager_step_ms", "prefill_ms", "tokens_per_s"):
+            assert record[key] > 0, key
+        assert record["tokens_per_s"] == pytest.approx(record["batch"] * 1e3 / record["ms_per_token"])
+        assert record["python_overhead_ms"] == pytest.approx(record["ms_per_token"] - record["step_ms"])
+        assert record["cache_length"] >= r["prompt_tokens"] + r["new_tokens"]
+        assert record["peak_gpu_bytes"] is None  # CPU
+    assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["tp"] == 1 and r["quantization"] is None
+    assert r["config_name"] == "glm-tiny" and r["config"] == dataclasses.asdict(load_config("glm-tiny").model)
+    assert r["logits_finite"] is True
+    assert r["sat"] is None and r["speedup_vs_sat"] is None
+    # The host has room for far more than the model's positions: the check runs at that limit.
+    assert r["context_check"]["tokens"] == r["config"]["max_sequence_length"] and r["context_check"]["fits"]
+    assert 0 < r["copy_bandwidth_gbs"] and 0 < r["read_bandwidth_gbs"]
+    assert r["device_memory_bytes"] > 0 and r["max_context_tokens"] >= r["max_context_tokens_with_prefill"] > 0
+
+
+def test_bytes_and_floor_arithmetic(tiny_result):
+    r = tiny_result
+    config = load_config("glm-tiny").model
+    assert r["parameters_per_gpu"] == config.num_parameters()
+    assert r["weight_bytes_per_gpu"] == 4 * config.num_parameters()  # fp32
+    assert r["copy_bytes"] == 4 * 2**20
+    assert r["copy_read_only_equivalent_gbs"] == pytest.approx(r["copy_bandwidth_gbs"] / 2)
+    floor = r["weight_bytes_per_gpu"] / (r["copy_bandwidth_gbs"] * 1e9) * 1e3
+    assert r["bandwidth_floor_ms"] == pytest.approx(floor)
+    assert r["floor_fraction"] == pytest.approx(floor / r["ms_per_token"])
+    assert r["floor_fraction_step"] == pytest.approx(floor / r["step_ms"])
+    one, two = r["batches"]
+    assert r["ms_per_token"] == one["ms_per_token"] and r["prefill_ms"] == one["prefill_ms"]
+    assert two["throughput_vs_batch1"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert r["batch_throughput_ratio"] == two["throughput_vs_batch1"] and r["batch_throughput_ratio_batch"] == 2
+    # KV cache: keys and values of every layer, hidden_size wide, fp32.
+    assert r["kv_cache_bytes_per_token"] == 2 * config.num_layers * config.hidden_size * 4
+    assert one["kv_cache_bytes"] == r["kv_cache_bytes_per_token"] * one["cache_length"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_random_model_is_on_the_device_and_bytes_match_parameters(dtype):
+    model = build_random_model(TINY, dtype, "cpu", seed=1)
+    params = list(model.parameters())
+    assert all(p.device.type == "cpu" and p.dtype == dtype and not p.requires_grad for p in params)
+    assert weight_bytes(model) == sum(p.numel() * p.element_size() for p in params)
+    assert weight_bytes(model) == TINY.num_parameters() * torch.empty(0, dtype=dtype).element_size()
+    assert all(p.float().std() > 0 for p in params)  # random, never zeros
+    again = build_random_model(TINY, dtype, "cpu", seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(params, again.parameters()))  # the seed fixes the weights
+
+
+def test_tensor_parallel_shards_split_and_replicate():
+    ranks = [build_random_model(TINY, torch.float32, "cpu", rank=r, world_size=2) for r in range(2)]
+    names = dict(ranks[0].named_parameters())
+    other = dict(ranks[1].named_parameters())
+    assert sum(weight_bytes(m) for m in ranks) < 2 * 4 * TINY.num_parameters()
+    assert torch.equal(names["transformer.layers.0.input_layernorm.weight"],
+                       other["transformer.layers.0.input_layernorm.weight"])  # replicated: equal on every rank
+    assert names["transformer.layers.0.attention.query_key_value.weight"].shape == (3 * 64 // 2, 64)
+    assert not torch.equal(names["transformer.word_embeddings.weight"], other["transformer.word_embeddings.weight"])
+
+
+@pytest.mark.parametrize("mode,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_random_model_bytes(mode, bits):
+    model = build_random_model(TINY, torch.float16, "cpu", quantization=mode)
+    h, f = TINY.hidden_size, TINY.inner_hidden_size
+    linear = 3 * h * h + h * h + 2 * f * h + f * h  # the four quantized weights of a layer
+    rows = 3 * h + h + 2 * f + h  # one fp16 scale per output row
+    float_elements = TINY.num_parameters() - TINY.num_layers * linear
+    expected = 2 * float_elements + TINY.num_layers * (linear * bits // 8 + 2 * rows)
+    assert weight_bytes(model) == expected
+
+
+def test_quantized_bench_runs_end_to_end():
+    options = BenchOptions(config=TINY, dtype="fp32", device="cpu", quantization="int4", batches=(1,),
+                           prompt_tokens=4, new_tokens=3, repeats=1, copy_bytes=2**20)
+    r = bench.run_bench(options)
+    assert r["quantization"] == "int4" and r["ms_per_token"] > 0 and r["logits_finite"]
+    assert r["weight_bytes_per_gpu"] < 4 * TINY.num_parameters() / 2
+    assert r["kv_cache_bytes_per_token"] == 2 * TINY.num_layers * TINY.hidden_size * 4  # activations stay fp32
+
+
+def test_context_limits_arithmetic():
+    decode, with_prefill = context_limits(TINY, 1, memory_free=10_000_000, workspace=1_000_000, kv_per_token=1000,
+                                          element=2)
+    assert decode == 9000
+    budget = 9_000_000
+    cost = lambda n: n * 1000 + prefill_workspace_bytes(TINY, 1, n, 2)  # noqa: E731
+    assert cost(with_prefill) <= budget < cost(with_prefill + 1)
+    assert context_limits(TINY, 1, 100, 1000, 10, 2) == (0, 0)  # nothing left
+
+
+def test_tensor_parallel_two_processes_on_cpu():
+    options = BenchOptions(config=TINY, config_name="tiny", dtype="fp32", device="cpu", tp=2, batches=(1,),
+                           prompt_tokens=4, new_tokens=3, repeats=1, copy_bytes=2**20)
+    r = bench.run_bench(options)
+    assert r["tp"] == 2 and len(r["peak_gpu_bytes_per_rank"]) == 2
+    assert r["weight_bytes_per_gpu"] < 4 * TINY.num_parameters()
+    assert r["ms_per_token"] > 0 and r["logits_finite"]
+    assert r["kv_cache_bytes_per_token"] == 2 * TINY.num_layers * TINY.hidden_size // 2 * 4
+
+
+def test_options_are_checked_before_any_work(capsys):
+    with pytest.raises(ValueError, match="exceeds max_sequence_length"):
+        BenchOptions(config=TINY, prompt_tokens=100, new_tokens=64)
+    with pytest.raises(ValueError, match="do not divide"):
+        BenchOptions(config=TINY, tp=3)
+    with pytest.raises(ValueError, match="fp16"):
+        BenchOptions(config=TINY, dtype="fp32", against="sat", prompt_tokens=8, new_tokens=8)
+    assert main(["bench", "--config", "glm-tiny", "--batches", "1,x", *FAST]) == 2
+    assert "--batches" in capsys.readouterr().err
+    assert main(["bench", "--config", "no-such-config", *FAST]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+
+
+def test_layers_override_of_a_preset():
+    name, config, kit = bench.resolve_config("glm-130b", layers=12)
+    assert name == "glm-130b" and config.num_layers == 12 and config.hidden_size == 12288
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_against_sat_without_cuda_is_a_clear_error(capsys):
+    assert main(["bench", "--config", "glm-tiny", "--dtype", "fp16", "--against", "sat", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("CUDA" in err or "not importable" in err), err
+
+
+def test_against_sat_without_sat_is_a_clear_error(monkeypatch, capsys):
+    for name in [m for m in sys.modules if m == "sat" or m.startswith("sat.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "sat", None)  # `import sat` now raises ImportError
+    assert main(["bench", "--config", "glm-tiny", "--dtype", "fp16", "--against", "sat", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "SwissArmyTransformer is not importable" in err and "pip install --no-deps" in err
+
+
+def test_against_sat_on_cpu_dry_run(monkeypatch):
+    """SAT's GLM130B adopts glmkit's tensors and decodes the same greedy tokens (SAT pointed at the CPU)."""
+    pytest.importorskip("sat.model.official.glm130B_model")
+    import logging
+    # SAT's logger keeps the stderr it found at import, which may be an earlier test's closed capture.
+    for handler in logging.getLogger("sat").handlers:
+        handler.stream = sys.stderr  # (setStream would flush the closed one)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # SAT allocates buffers there
+    from glmkit import sat_reference
+
+    # Stronger weights than bench's default so greedy choices are not near ties in fp16.
+    config = dataclasses.replace(TINY, vocab_size=1024)
+    options = BenchOptions(config=config, dtype="fp16", device="cpu", batches=(1, 2), prompt_tokens=6,
+                           new_tokens=4, repeats=1, copy_bytes=2**20, against="sat")
+    r = bench.bench_process(options)
+    assert r["sat"]["prefill_max_abs_diff"] < 0.05, r["sat"]
+    assert [b["batch"] for b in r["sat"]["batches"]] == [1, 2]
+    assert r["sat"]["ms_per_token"] > 0 and r["speedup_vs_sat"] > 0
+
+    import torch.distributed as dist
+    model = build_random_model(config, torch.float16, "cpu", seed=3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" not in name:
+                param.mul_(15)
+    sat_reference.init_distributed(0, 1, _port(), "gloo")
+    try:
+        reference = sat_reference.load_sat_state_dict(config, model.state_dict(), 1, "cpu")
+        assert reference.transformer.word_embeddings.weight.data_ptr() == \
+            model.transformer.word_embeddings.weight.data_ptr()  # shared, not copied
+        contexts = [Context(tuple(range(40, 50))), Context(tuple(range(300, 310)))]
+        theirs = sat_reference.sat_decode_loop(reference, contexts, 6, "cpu")
+    finally:
+        sat_reference.close_distributed()
+    assert not dist.is_initialized()
+    ours = generate_tokens(model, contexts, GenerationSettings(max_new_tokens=6), end_tokens=())
+    assert theirs["tokens"].tolist() == [o.tokens for o in ours]
+    assert len(theirs["step_ms"]) == 5 and len(theirs["forward_ms"]) == 5
+
+
+def _port() -> int:
+    from glmkit.engine import free_port
+    return free_port()
