@@ -1,0 +1,336 @@
+"""The notebooks in a real JupyterLab, driven through Debian's Chromium with Playwright.
+
+JupyterLab runs on 127.0.0.1 with token auth, in a temporary root holding copies of the notebooks. The
+browser opens 02-prompt-playground, runs it, types a multi-line prompt into the Playground, clicks
+Generate, watches the streamed text grow and clicks Stop; then opens 05-tokenizer-quirks, runs it and
+checks the coloured token spans. Screenshots go to artifacts/browser/.
+
+Needs /usr/bin/chromium (`apt-get install chromium`) and the playwright package; never downloads a browser.
+Skipped without them, except under CI (the CI variable set), where a missing browser is a failure.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from test_notebooks import NOTEBOOKS, ROOT, end_processes, write_kernelspec
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ARTIFACTS = ROOT / "artifacts" / "browser"
+LAB_START_S = 90
+RUN_S = 240  # running a notebook that starts a cluster
+WAIT_MS = 60_000
+
+# JupyterLab user settings: no news or update checks (no network, no toasts over the page), and every cell
+# kept in the page (no windowing), so off-screen outputs can be queried.
+LAB_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
+                                                                        "checkForUpdates": False},
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+}
+
+MULTILINE_PROMPT = "Question: what does this function do?\ndef add(a, b):\n    return a + b\nAnswer:"
+
+# JavaScript run in the page; JupyterLab is started with expose_app_in_browser, so `window.jupyterapp` exists.
+NOTEBOOK_JS = "window.jupyterapp && window.jupyterapp.shell.currentWidget"
+KERNEL_STATUS_JS = f"""() => {{
+    const nb = {NOTEBOOK_JS};
+    const kernel = nb && nb.sessionContext && nb.sessionContext.session && nb.sessionContext.session.kernel;
+    return kernel ? kernel.status : null;
+}}"""
+CELLS_DONE_JS = f"""(upto) => {{
+    const nb = {NOTEBOOK_JS};
+    if (!nb || !nb.content) return false;
+    const cells = nb.content.widgets.slice(0, upto === null ? undefined : upto);
+    const kernel = nb.sessionContext.session && nb.sessionContext.session.kernel;
+    return kernel && kernel.status === 'idle' &&
+        cells.every(c => c.model.type !== 'code' || c.model.executionCount !== null);
+}}"""
+ERRORS_JS = f"""() => {{
+    const nb = {NOTEBOOK_JS};
+    return nb.content.widgets.filter(c => c.model.type === 'code')
+        .flatMap(c => c.model.outputs.toJSON())
+        .filter(o => o.output_type === 'error')
+        .map(o => o.ename + ': ' + o.evalue);
+}}"""
+
+
+def _browser_missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing: apt-get install chromium"
+    if importlib.util.find_spec("playwright") is None:
+        return "the playwright package is missing: pip install -e '.[test]'"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser test, but {missing}", pytrace=False)
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, OSError):  # not listening yet
+        return 0
+
+
+class Lab:
+    """A running JupyterLab: its base URL, token, root folder and log."""
+
+    def __init__(self, url: str, token: str, root: Path, log: Path):
+        self.url, self.token, self.root, self.log = url, token, root, log
+
+    def open(self, page, notebook: str) -> None:
+        """Open a notebook alone in a fresh workspace (`reset`) and wait for it to be current, its kernel idle."""
+        page.goto(f"{self.url}/lab/tree/{notebook}?reset&token={self.token}")
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=WAIT_MS)
+        page.wait_for_function(f"""path => {{
+            const nb = {NOTEBOOK_JS};
+            return nb && nb.context && nb.context.path === path && nb.context.isReady;
+        }}""", arg=notebook, timeout=WAIT_MS)
+        page.wait_for_function(f"() => ({KERNEL_STATUS_JS})() === 'idle'", timeout=WAIT_MS)
+
+    def shutdown_kernels(self) -> None:
+        """Shut every kernel down cleanly (a kernel's shutdown also stops the clusters it started)."""
+        for kernel in self.api("/api/kernels"):
+            self.api(f"/api/kernels/{kernel['id']}", method="DELETE")
+
+    def api(self, path: str, method: str = "GET"):
+        request = urllib.request.Request(f"{self.url}{path}", method=method,
+                                         headers={"Authorization": f"token {self.token}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """JupyterLab on a free loopback port with a random token; always stopped, with every process it started."""
+    tmp = tmp_path_factory.mktemp("lab")
+    root = tmp / "root"
+    root.mkdir()
+    for notebook in NOTEBOOKS:
+        shutil.copy(notebook, root / notebook.name)
+    config_dir = tmp / "config"
+    for name, values in LAB_SETTINGS.items():
+        path = config_dir / "lab" / "user-settings" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    env = {**os.environ, **write_kernelspec(tmp / "jupyter"), "JUPYTER_CONFIG_DIR": str(config_dir),
+           "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "workspaces")}
+    token, port = secrets.token_hex(24), _free_port()
+    log = tmp / "jupyterlab.log"
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.open_browser=False",
+               "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
+               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+               "--ServerApp.terminals_enabled=False", "--LabApp.expose_app_in_browser=True"]
+    if os.geteuid() == 0:  # CI runs as root
+        command.append("--allow-root")
+    with open(log, "wb") as log_file:
+        server = subprocess.Popen(command, env=env, cwd=root, stdout=log_file, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+    started: set[psutil.Process] = set()
+    lab = Lab(f"http://127.0.0.1:{port}", token, root, log)
+    try:
+        deadline = time.monotonic() + LAB_START_S
+        while _get(f"{lab.url}/api/status?token={token}") != 200:
+            assert server.poll() is None, f"JupyterLab exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"JupyterLab did not answer:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        assert _get(f"{lab.url}/api/status") == 403, "JupyterLab answered without the token"
+        yield lab
+    finally:
+        started = _process_tree(server.pid)
+        try:
+            lab.shutdown_kernels()
+        except Exception:  # noqa: BLE001 - the server may be gone already; processes are ended below
+            pass
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        started |= _process_tree(server.pid)
+        left = end_processes(started)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(log, ARTIFACTS / "jupyterlab.log")
+        assert not left, f"processes outlived JupyterLab (killed now): {left}"
+
+
+def _process_tree(pid: int) -> set[psutil.Process]:
+    try:
+        process = psutil.Process(pid)
+        return {process, *process.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+@pytest.fixture
+def page(browser, lab, request):
+    """A fresh browser page; on a failure its last state is saved as a screenshot, and always its console."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1300})
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+    failed_before = request.session.testsfailed
+    try:
+        yield page
+    finally:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        name = request.node.name
+        if request.session.testsfailed > failed_before:
+            page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"))
+        (ARTIFACTS / f"{name}-console.log").write_text("\n".join(console))
+        context.close()
+        lab.shutdown_kernels()
+
+
+def shot(page, name: str, element=None) -> Path:
+    """Save a screenshot of the page (or of one element) under artifacts/browser/."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    (element or page).screenshot(path=str(path))
+    return path
+
+
+def run_cells(page, command: str, upto: int | None, timeout_s: float = RUN_S) -> None:
+    """Run a notebook command (run all, run all above) and wait until those cells ran and the kernel is idle."""
+    page.evaluate("command => { window.jupyterapp.commands.execute(command); }", command)
+    page.wait_for_function(CELLS_DONE_JS, arg=upto, timeout=timeout_s * 1000)
+    errors = page.evaluate(ERRORS_JS)
+    assert not errors, f"cells failed in the browser: {errors}"
+
+
+def select_cell(page, index: int) -> int:
+    """Make cell `index` (negative: from the end) the active cell; returns its index."""
+    return page.evaluate(f"""index => {{
+        const nb = {NOTEBOOK_JS};
+        const i = index < 0 ? nb.content.widgets.length + index : index;
+        nb.content.activeCellIndex = i;
+        return i;
+    }}""", index)
+
+
+def labelled_input(root, label: str):
+    """The input of an ipywidgets control whose description is exactly `label`."""
+    box = root.locator(".widget-inline-hbox", has=root.page.locator("label.widget-label",
+                                                                      has_text=re.compile(f"^{re.escape(label)}$")))
+    return box.locator("input")
+
+
+def test_playground_streams_and_stops_in_jupyterlab(lab, page):
+    from playwright.sync_api import expect
+
+    lab.open(page, "02-prompt-playground.ipynb")
+    # Everything but the last cell, which closes the cluster: the playground must stay alive to be used.
+    last = select_cell(page, -1)
+    run_cells(page, "notebook:run-all-above", upto=last)
+    prompt_box = page.locator("textarea[placeholder^='Prompt. Use [MASK]']")
+    expect(prompt_box).to_be_visible(timeout=WAIT_MS)
+    root = page.locator(".jp-OutputArea-output", has=prompt_box)
+    root.scroll_into_view_if_needed()
+    count_line = root.locator(".widget-html-content", has_text="prompt tokens")
+    before = count_line.inner_text()
+
+    # Type like a person: select what is there, type three lines (Enter makes the newlines).
+    prompt_box.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.press("Delete")
+    prompt_box.press_sequentially(MULTILINE_PROMPT, delay=5)
+    expect(prompt_box).to_have_value(MULTILINE_PROMPT)
+    expect(count_line).not_to_have_text(before, timeout=WAIT_MS)  # the kernel saw the new prompt
+    for label in ("max new tokens", "min new tokens"):  # long enough to watch it stream, and to stop it
+        field = labelled_input(root, label)
+        field.fill("400")
+        field.press("Tab")
+    shot(page, "02-playground-prompt")
+
+    root.get_by_role("button", name="Generate").click()
+    stop = root.get_by_role("button", name="Stop")
+    expect(stop).to_be_enabled(timeout=WAIT_MS)
+    blank = root.locator(".glmkit-blank")  # re-rendered as text streams in: always query afresh
+    expect(blank).to_have_text(re.compile(r"[^▌\s]"), timeout=WAIT_MS)
+    lengths = [len(blank.inner_text())]
+    for _ in range(6):
+        time.sleep(0.5)
+        lengths.append(len(blank.inner_text()))
+    status = root.locator(".widget-html-content", has_text="generating")
+    status.scroll_into_view_if_needed()
+    shot(page, "02-playground-streaming")
+    assert lengths[-1] > lengths[0], f"the streamed text did not grow: {lengths}"
+
+    stop.click()
+    expect(root).to_contain_text("finish reason: abort", timeout=WAIT_MS)
+    expect(stop).to_be_disabled()
+    expect(root.get_by_role("button", name="Generate")).to_be_enabled()
+    output = root.locator(".widget-html-content", has=page.locator(".glmkit-blank")).inner_text()
+    assert "return a + b" in output and "Answer:" in output  # the typed prompt, around the generated text
+    root.locator(".widget-html-content", has_text="finish reason: abort").scroll_into_view_if_needed()
+    shot(page, "02-playground-stopped")
+
+    # Now the last cell: close the playground and the cluster.
+    select_cell(page, -1)
+    run_cells(page, "notebook:run-cell", upto=None)
+
+
+def test_tokenizer_quirks_render_coloured_tokens(lab, page):
+    lab.open(page, "05-tokenizer-quirks.ipynb")
+    run_cells(page, "notebook:run-all-cells", upto=None)
+    tokens = page.locator("span.glmkit-token")
+    tokens.first.wait_for(timeout=WAIT_MS)
+    assert tokens.count() > 100
+    # Neighbouring tokens alternate colours; bytes have dashed boxes, masks are red, the divergence outlined.
+    assert page.locator("span.glmkit-token[style*='background:#dbeafe']").count() > 10
+    assert page.locator("span.glmkit-token[style*='background:#fde68a']").count() > 10
+    assert page.locator("span.glmkit-token[style*='dashed']").count() >= 8
+    assert page.locator("span.glmkit-token[style*='background:#fca5a5']").count() >= 1
+    assert page.locator("span.glmkit-token[style*='outline:2px solid']").count() >= 5
+    colour = tokens.first.evaluate("el => getComputedStyle(el).backgroundColor")
+    assert colour == "rgb(219, 234, 254)", colour  # #dbeafe, really painted
+    box = tokens.first.bounding_box()
+    assert box and box["width"] > 0 and box["height"] > 0
+
+    first = page.locator(".jp-OutputArea-output", has=page.locator("span.glmkit-token")).first
+    first.scroll_into_view_if_needed()
+    shot(page, "05-tokenizer-trailing-space")
+    emoji = page.locator(".jp-OutputArea-output", has=page.locator("span.glmkit-token[title*='0xF0']")).first
+    emoji.scroll_into_view_if_needed()
+    shot(page, "05-tokenizer-bytes", element=emoji)
