@@ -71,6 +71,9 @@ class ShardWorker:
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            # CPU engines share the host's cores: each using all of them makes every rank slower.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(store_host, store_port, world_size, is_master=rank == 0, timeout=timeout,
                                    wait_for_workers=False)

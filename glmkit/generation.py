@@ -97,22 +97,23 @@ def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSet
                     end_tokens: tuple[int, ...], stop: StopCheck | None = None,
                     on_token: TokenCallback | None = None,
                     should_abort: Callable[[], bool] | None = None,
-                    steps: StepGraphs | None = None) -> list[TokenOutput]:
+                    steps: StepGraphs | None = None, num_ids: int | None = None) -> list[TokenOutput]:
     """Greedy or sampled generation for a batch of contexts, sharing one KV cache.
 
     With `steps` (a StepGraphs of this model) decode steps have fixed shapes and replay CUDA graphs:
     every row keeps its cache slot until the end. Without it, finished rows are dropped from the cache.
+    `num_ids` (the tokenizer's id count) keeps the padding rows of the vocabulary from being chosen.
     """
     if settings.num_beams > 1:
         return [beam_search(model, c, settings, end_tokens, stop=stop, index=i, on_token=on_token,
-                            should_abort=should_abort) for i, c in enumerate(contexts)]
+                            should_abort=should_abort, num_ids=num_ids) for i, c in enumerate(contexts)]
     device = model.transformer.word_embeddings.weight.device
     max_new = _room_for_new_tokens(model, contexts, settings)
     ids, positions, allowed, pads = prefill_inputs(contexts, device)
     length = ids.shape[1]
     step_runner = steps.step_for(len(contexts), length + max_new) if steps is not None else None
     cache = step_runner.cache if step_runner else KVCache.allocate(model, len(contexts), length + max_new)
-    logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1]  # (b, vocab)
+    logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1, :num_ids]  # (b, vocab)
     generator = _make_generator(settings, device)
     outputs = [TokenOutput(logprobs=[] if settings.wants_logprobs else None) for _ in contexts]
     active = list(range(len(contexts)))  # context index of each row of `logits`
@@ -150,7 +151,7 @@ def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSet
             break
         start = length + step
         if step_runner is not None:
-            logits = _static_step(step_runner, contexts, outputs, still_active, pads, start, step + 1)
+            logits = _static_step(step_runner, contexts, outputs, still_active, pads, start, step + 1)[:, :num_ids]
         else:
             rows = torch.tensor([row for row, _ in still_active], device=device)
             if len(still_active) < len(active):
@@ -161,7 +162,7 @@ def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSet
             next_ids = torch.tensor([[chosen[row]] for row, _ in still_active], device=device)
             step_positions = next_positions(live, step + 1)[:, None].to(device)
             step_allowed = (torch.arange(start + 1)[None, :] >= pads[:, None])[:, None, None].to(device)
-            logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1]
+            logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1, :num_ids]
         active = [index for _, index in still_active]
     return outputs
 
@@ -197,7 +198,7 @@ class _Beam:
 def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_tokens: tuple[int, ...],
                 stop: StopCheck | None = None, index: int = 0,
                 on_token: TokenCallback | None = None,
-                should_abort: Callable[[], bool] | None = None) -> TokenOutput:
+                should_abort: Callable[[], bool] | None = None, num_ids: int | None = None) -> TokenOutput:
     """Beam search over one context; the best hypothesis by length-normalised log probability.
 
     Tokens reach `on_token` only once the best beam is known. An abort ends the search at once and
@@ -209,7 +210,7 @@ def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_
     ids, positions, allowed, _ = prefill_inputs([context], device)
     length = ids.shape[1]
     cache = KVCache.allocate(model, 1, length + max_new)
-    logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1]
+    logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1, :num_ids]
     cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))
     logits = logits.expand(num_beams, -1)
     keep_logprobs = settings.wants_logprobs
@@ -266,7 +267,7 @@ def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_
         next_ids = torch.tensor([[b.tokens[-1]] for b in beams], device=device)
         step_positions = next_positions([context] * num_beams, step + 1)[:, None].to(device)
         step_allowed = torch.ones(num_beams, 1, 1, start + 1, dtype=torch.bool, device=device)
-        logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1]
+        logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1, :num_ids]
     live_reason = "abort" if aborted else "length"
     candidates = finished + [(normalised(b), b, live_reason) for _, b in survivors if b.score > float("-inf")]
     _, best, reason = max(candidates, key=lambda item: item[0])

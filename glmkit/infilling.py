@@ -207,7 +207,8 @@ def fill_blanks(model: GLM, tokenizer, prompts: list[str], settings: GenerationS
 
         generated: dict[int, list[int]] = {}
         outputs = generate_tokens(model, contexts, settings, end_tokens, stop=stop,
-                                  on_token=forward_token, should_abort=should_abort, steps=steps)
+                                  on_token=forward_token, should_abort=should_abort, steps=steps,
+                                  num_ids=tokenizer.num_tokens)
         for i, output in zip(pending, outputs):
             decoder = decoders[i]
             text = decoder.visible(output.tokens, final=True)

@@ -122,3 +122,11 @@ def test_bad_inputs_fail_before_compute(pipeline):
         pipeline.generate([])
     with pytest.raises(TypeError, match="must be a string"):
         pipeline.generate([3])
+
+
+def test_sampling_never_picks_the_padding_rows_of_the_vocabulary(pipeline):
+    """The embedding has 22400 rows for 22344 tokenizer ids; the extra rows are not tokens."""
+    assert pipeline.model.config.vocab_size > pipeline.tokenizer.num_tokens
+    for seed in range(3):
+        result = pipeline.generate("x", max_new_tokens=40, do_sample=True, temperature=50.0, seed=seed)
+        assert all(t < pipeline.tokenizer.num_tokens for b in result.blanks for t in b.tokens)
