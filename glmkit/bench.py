@@ -453,7 +453,8 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
     """The measurements of one process (rank); rank 0's result is the run's result."""
     started = time.perf_counter()
     device = torch.device(options.device)
-    if device.type == "cuda" and world_size > 1:
+    if device.type == "cuda" and (world_size > 1 or device.index is None):
+        # Each rank takes the GPU of its rank; a bare "cuda" means GPU 0 (set_device needs an index).
         device = torch.device("cuda", rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
