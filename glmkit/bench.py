@@ -149,6 +149,11 @@ class BenchOptions:
                              "others waiting in a collective)")
 
 
+def default_device() -> str:
+    """Where a benchmark runs unless told otherwise: the first GPU if there is one, else the CPU."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_config(name_or_path: str, layers: int | None = None):
     """(name, GLMConfig, KitConfig or None) for a preset name, a config under configs/ or a YAML path."""
     kit = None

@@ -138,3 +138,42 @@ def break_even_batch(ms_per_token_at: dict[int, float], node: CloudNode | OwnedN
             # Cost falls roughly like 1/batch between measurements: interpolate in 1/cost.
             return b0 + (b1 - b0) * (1 / target - 1 / c0) / (1 / c1 - 1 / c0)
     return None
+
+
+def cost_by_batch(throughput: pd.DataFrame, node: CloudNode | OwnedNode, api_dollars_per_1k: float,
+                  model: str | None = None) -> pd.DataFrame:
+    """$/1M tokens per (precision, gpus, batch) of one model's measurements, sorted for plotting."""
+    rows = throughput if model is None else throughput[throughput["model"] == model]
+    if rows.empty:
+        raise ValueError(f"no measurements for model {model!r}; measured: {sorted(set(throughput['model']))}")
+    table = cost_table(rows, node, api_dollars_per_1k)
+    return table.sort_values(["precision", "gpus", "batch"]).reset_index(drop=True)
+
+
+def break_even_by_setup(table: pd.DataFrame, node: CloudNode | OwnedNode, api_dollars_per_1k: float) -> pd.DataFrame:
+    """For each (precision, gpus) of a cost table: the smallest batch as cheap as the API, or None."""
+    rows = []
+    for (precision, gpus), group in table.groupby(["precision", "gpus"]):
+        steps = dict(zip(group["batch"].astype(int), group["ms_per_token"]))
+        rows.append({"precision": precision, "gpus": gpus,
+                     "break_even_batch": break_even_batch(steps, node, api_dollars_per_1k)})
+    return pd.DataFrame(rows)
+
+
+def plot_cost_by_batch(table: pd.DataFrame, api_dollars_per_1k: float, title: str = ""):
+    """$/1M tokens against batch size, one line per (precision, gpus), the API's price as a line."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for (precision, gpus), group in table.groupby(["precision", "gpus"]):
+        axes.plot(group["batch"], group["dollars_per_1m"], marker="o", label=f"{precision}, {gpus} GPU(s)")
+    axes.axhline(api_dollars_per_1million := api_dollars_per_million(api_dollars_per_1k), color="gray",
+                 linestyle="--", label=f"API ${api_dollars_per_1million:,.2f}/1M")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("$ per 1M generated tokens")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    return figure

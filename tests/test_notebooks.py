@@ -34,6 +34,7 @@ EXPECTED_OUTPUT = {
     "04-blank-infilling.ipynb": ["[gMASK] appended", "<sop>", "prompt mixes mask kinds", "malformed mask"],
     "05-tokenizer-quirks.ipynb": ["characters per token", "newline", "<0xF0>"],
     "06-checkpoints.ipynb": ["2 -> 1 shard(s)", "1 -> 4 shard(s)", "identical: True"],
+    "07-tokenomics.ipynb": ["self-hosted / API cost ratio", "break_even_batch", "dollars_per_1m", "cost_by_batch.csv"],
 }
 
 
@@ -123,7 +124,7 @@ def run_notebook(path: Path) -> tuple[nbformat.NotebookNode, float]:
 
 # ----- the committed files ------------------------------------------------------------------------------
 
-def test_there_are_the_six_tutorials():
+def test_there_are_the_seven_tutorials():
     assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED_OUTPUT)
 
 

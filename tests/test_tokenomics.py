@@ -50,3 +50,22 @@ def test_cost_table_from_a_benchmarks_file(tmp_path):
     assert table["batch"].tolist() == [1, 32]
     assert math.isclose(table["dollars_per_1m"][0], 7.2 / (20 * 3600) * 1e6)
     assert math.isclose(table["self_over_api"][1], (7.2 / (400 * 3600) * 1e6) / 20.0)
+
+
+def test_calculator_widget_over_the_recorded_benchmarks(tmp_path):
+    from glmkit.widgets import TokenomicsCalculator
+
+    table = read_benchmarks()  # docs/benchmarks.md as shipped
+    model = "glm-130b shape, 12 layers (random)"
+    tool = TokenomicsCalculator(table, model=model, dollars_per_hour=10.0, api_dollars_per_1k=0.02)
+    assert tool.last_error is None, tool.last_error
+    assert set(tool.table["batch"]) >= {1, 8, 32}
+    batch32 = tool.table[(tool.table["batch"] == 32) & (tool.table["precision"] == "fp16")].iloc[0]
+    assert math.isclose(batch32["dollars_per_1m"], 10.0 / (batch32["tokens_per_s"] * 3600) * 1e6)
+    assert "break_even_batch" in tool.break_even
+    tool.kind.value = "owned"  # switching the node recomputes everything
+    owned = OwnedNode(tool.purchase.value, tool.years.value, tool.utilisation.value)
+    assert math.isclose(tool.table["dollars_per_1m"].iloc[0],
+                        dollars_per_million_tokens(owned, tool.table["tokens_per_s"].iloc[0]))
+    assert tool.to_csv(tmp_path / "cost.csv").read_text().startswith("date,")
+    tool.close()

@@ -8,6 +8,7 @@ from .fewshot import FewShot
 from .inspector import TokenInspector
 from .playground import Playground
 from .templates import Example, FewShotTemplate, TemplateError, load_template, shipped_templates
+from .tokenomics import TokenomicsCalculator
 
 __all__ = ["Playground", "FewShot", "TokenInspector", "FewShotTemplate", "Example", "TemplateError",
-           "load_template", "shipped_templates"]
+           "load_template", "shipped_templates", "TokenomicsCalculator"]
