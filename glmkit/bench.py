@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DTYPES, PRESETS, QUANTIZATION_BITS, GLMConfig, load_config
+from .config import DTYPES, PRESETS, QUANTIZATION_BITS, GLMConfig, check_precision, load_config
 from .decoding import DecodeStep, StepGraphs
 from .generation import Context, generate_tokens, prefill_inputs
 from .model import GLM
@@ -123,11 +123,7 @@ class BenchOptions:
     verify_context: bool = False
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_BITS:
-            raise ValueError(f"quantization must be one of {sorted(QUANTIZATION_BITS)} or None, "
-                             f"got {self.quantization!r}")
+        check_precision(self.dtype, self.quantization)
         object.__setattr__(self, "batches", tuple(self.batches))
         if not self.batches or any(b < 1 for b in self.batches):
             raise ValueError(f"batches must be positive sizes, got {self.batches}")

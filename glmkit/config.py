@@ -82,6 +82,14 @@ PRESETS: dict[str, GLMConfig] = {
 }
 
 
+def check_precision(dtype: str, quantization: str | None) -> None:
+    """ValueError unless `dtype` is a known activation dtype and `quantization` None or a known mode."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantization is not None and quantization not in QUANTIZATION_BITS:
+        raise ValueError(f"quantization must be one of {sorted(QUANTIZATION_BITS)} or None, got {quantization!r}")
+
+
 @dataclass(frozen=True)
 class KitConfig:
     """What to load and how: architecture, checkpoint folder, tokenizer folder, dtype, device, quantization."""
@@ -98,11 +106,7 @@ class KitConfig:
     quantization: str | None = None
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_BITS:
-            raise ValueError(f"quantization must be one of {sorted(QUANTIZATION_BITS)} or None, "
-                             f"got {self.quantization!r}")
+        check_precision(self.dtype, self.quantization)
 
     @property
     def torch_dtype(self) -> torch.dtype:
