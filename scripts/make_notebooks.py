@@ -67,10 +67,12 @@ next cell."""),
     config("""\
 CONFIG = "glm-tiny"; ENGINES = 2  # on a GPU node: CONFIG = "glm-130b"; ENGINES = None (one engine per GPU)"""),
     md("""\
-**About the demo model.** `glm-tiny` is GLM-130B's architecture at toy size, saved in the official
-SwissArmyTransformer layout (2 shards) with a small tokenizer in icetk's conventions (`configs/glm-tiny.yaml`
-says how its weights were made). It is far too small to know English or German, so **the text it writes is
-noise** — code-like fragments at best. Everything around the text — masks, streaming, stop sequences,
+**About the demo model.** `glm-tiny` is GLM-130B's architecture at toy size (7.9 M parameters), saved in
+the official SwissArmyTransformer layout (2 shards) with a small tokenizer in icetk's conventions. It was
+trained for 6.6 minutes on one H100 on the Python standard library (`docs/demo-model.md`), so it fills blanks
+in Python and docstring English — `def [MASK](self, other): return self.value + other.value` becomes
+`def _get_value(self, other): ...`, `import os\nimport [MASK]` becomes `import sys` — but knows no German
+and rambles on long continuations. Everything around the text — masks, streaming, stop sequences,
 stopping, timings, checkpoints — works exactly as with the real model, and that is what these notebooks show.
 
 ## Start the engines
@@ -347,7 +349,11 @@ text:
 | `[gMASK]` | everything after it (left to right) | continuing text; appended when a prompt has no mask |
 
 The demo model fits in this kernel, so this notebook runs it in-process with `glmkit.load()`; the cluster
-has the same `generate()`. On a GPU node, change only the next cell."""),
+has the same `generate()`. On a GPU node, change only the next cell.
+
+The demo model was trained on Python's standard library with exactly these masks, so it fills code blanks
+sensibly: `import os\nimport [MASK]` → `import sys`, `Return True if the [MASK] is empty, False otherwise.`
+→ `iterator`."""),
     config("""\
 CONFIG = "glm-tiny"; CLUSTER = False; ENGINES = 2
 # on a GPU node: CONFIG = "glm-130b"; CLUSTER = True; ENGINES = None (one engine per GPU)"""),
