@@ -13,8 +13,7 @@ import torch
 
 from .decoding import DecodeStep, StepGraphs
 from .model import GLM, KVCache
-from .sampling import (GenerationSettings, apply_penalties, ban_tokens, choose_next,
-                       repeated_ngram_bans)
+from .sampling import GenerationSettings, choose_next, processed_logits
 
 
 @dataclass(frozen=True)
@@ -120,11 +119,8 @@ def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSet
     for step in range(max_new):
         history = [list(contexts[i].tokens) + outputs[i].tokens for i in active]
         produced = [outputs[i].tokens for i in active]
-        scores = apply_penalties(logits.float(), history, produced, settings)
-        banned = [repeated_ngram_bans(h, settings.no_repeat_ngram_size) for h in history]
-        if step < settings.min_new_tokens:
-            banned = [b + list(end_tokens) for b in banned]
-        chosen = choose_next(ban_tokens(scores, banned), settings, generator).tolist()
+        scores = processed_logits(logits, history, produced, step, settings, end_tokens)
+        chosen = choose_next(scores, settings, generator).tolist()
         raw_log_probs = logits.float().log_softmax(dim=-1) if settings.wants_logprobs else None
         still_active = []
         for row, (index, token) in enumerate(zip(active, chosen)):
@@ -224,11 +220,8 @@ def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_
 
     for step in range(max_new):
         history = [list(context.tokens) + b.tokens for b in beams]
-        scores = apply_penalties(logits.float(), history, [b.tokens for b in beams], settings)
-        banned = [repeated_ngram_bans(h, settings.no_repeat_ngram_size) for h in history]
-        if step < settings.min_new_tokens:
-            banned = [b + list(end_tokens) for b in banned]
-        log_probs = ban_tokens(scores, banned).log_softmax(dim=-1)  # (beams, vocab)
+        scores = processed_logits(logits, history, [b.tokens for b in beams], step, settings, end_tokens)
+        log_probs = scores.log_softmax(dim=-1)  # (beams, vocab)
         raw = logits.float().log_softmax(dim=-1) if keep_logprobs else None
         totals = torch.tensor([b.score for b in beams], device=device)[:, None] + log_probs
         values, flat = torch.topk(totals.flatten(), 2 * num_beams)

@@ -15,8 +15,8 @@ from .decoding import StepGraphs
 from .generation import Context, TokenLogprob, generate_tokens
 from .model import GLM
 from .sampling import GenerationSettings
+from .tokenizer import MASK_PATTERN
 
-MASK_PATTERN = re.compile(r"\[[sg]?MASK\]")
 # Bracketed look-alikes such as "[mask]", "[ MASK ]", "[xMASK]" or an unclosed "[MASK".
 _MASK_LOOKALIKE = re.compile(r"\[[^\[\]\n]{0,6}mask[^\[\]\n]{0,6}\]|\[[sg]?MASK(?!\])", re.IGNORECASE)
 

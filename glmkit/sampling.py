@@ -145,6 +145,16 @@ def repeated_ngram_bans(tokens: list[int], size: int) -> list[int]:
             if tuple(tokens[i:i + size - 1]) == prefix]
 
 
+def processed_logits(logits: torch.Tensor, history: list[list[int]], generated: list[list[int]], step: int,
+                     settings: GenerationSettings, end_tokens: tuple[int, ...]) -> torch.Tensor:
+    """Raw logits (b, vocab) with penalties, no-repeat-ngram bans and the min_new_tokens end-token ban applied."""
+    scores = apply_penalties(logits.float(), history, generated, settings)
+    banned = [repeated_ngram_bans(h, settings.no_repeat_ngram_size) for h in history]
+    if step < settings.min_new_tokens:
+        banned = [b + list(end_tokens) for b in banned]
+    return ban_tokens(scores, banned)
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Keep the top-k ids and the smallest set whose probability reaches top_p; others -inf."""
     if top_k > 0 and top_k < logits.shape[-1]:
