@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .config import DTYPES, PRESETS, QUANTIZATION_BITS, GLMConfig, check_precision, load_config
+from .config import DTYPES, PRESETS, GLMConfig, check_precision, load_config
 from .decoding import DecodeStep, StepGraphs
-from .generation import Context, generate_tokens, prefill_inputs
+from .generation import generate_tokens, prefill_inputs
 from .model import GLM
+from .random_model import build_random_model, random_contexts, weight_bytes
 from .sampling import GenerationSettings
+from .timing import Clock, free_cached, measure_bandwidth, memory_info, peak_bytes, reset_peak
 
 # Every top-level key of the result, with its meaning (tests check that all are present).
 RESULT_KEYS = {
@@ -92,6 +92,8 @@ BATCH_KEYS = {
     "kv_cache_bytes": "bytes of this batch's KV cache (fixed shape, cache length rounded up)",
     "cache_length": "positions in that cache",
     "peak_gpu_bytes": "peak allocated device memory while measuring this batch (null on CPU)",
+    "greedy_tokens": "the tokens greedy decoding gave the batch's first prompt (compare runs across TP sizes: "
+                     "the random weights do not depend on it)",
 }
 SAT_KEYS = {
     "ms_per_token": "batch-1 decode in filling_sequence's shape, host clock per token (median)",
@@ -167,185 +169,22 @@ def resolve_config(name_or_path: str, layers: int | None = None):
     return name, config, kit
 
 
-# ----------------------------------------------------------------------------- random model on the device
-
-def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    path, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(path), attr, nn.Parameter(tensor, requires_grad=False))
-
-
-def _random_fill(tensor: torch.Tensor, name: str, generator: torch.Generator) -> torch.Tensor:
-    # Never zeros (they can run faster than real data); small enough that 70 fp16 layers stay finite.
-    if "layernorm" in name and name.endswith("weight"):
-        return tensor.normal_(1.0, 0.1, generator=generator)
-    return tensor.normal_(0.0, 0.02, generator=generator)
-
-
-def _quantization_api():
-    """The two functions of glmkit.quantization a quantized random model needs (NotImplementedError if absent)."""
-    try:
-        from .quantization import convert_for_runtime, quantize_weight
-    except ImportError as error:
-        raise NotImplementedError(
-            f"quantized bench needs glmkit.quantization.convert_for_runtime(model, bits) (swap the four linear "
-            f"kinds for empty QuantizedLinear on the meta device) and quantize_weight(w, bits) -> (q, scale); "
-            f"they are not available yet ({error})") from None
-    return convert_for_runtime, quantize_weight
-
-
-@torch.no_grad()
-def build_random_model(config: GLMConfig, dtype: torch.dtype, device: str | torch.device, *,
-                       quantization: str | None = None, rank: int = 0, world_size: int = 1, group=None,
-                       seed: int = 0) -> GLM:
-    """A GLM (or rank `rank` of a `world_size`-way tensor-parallel one) with random weights made on `device`.
-
-    Built on the meta device, then each parameter is created and filled on `device` one at a time, so
-    neither the host nor the device ever holds more than the model plus one tensor. Replicated tensors
-    (LayerNorms, row-parallel biases) are equal on every rank. With `quantization`, the four linear
-    weights of each layer are drawn in `dtype` and quantized on the device (glmkit.quantization).
-    """
-    from .tensor_parallel import parallelize, resize_for_rank, shard_style
-
-    device = torch.device(device)
-    with torch.device("meta"):
-        model = GLM(config)
-    bits = None if quantization is None else QUANTIZATION_BITS[quantization]
-    if bits is not None:
-        convert_for_runtime, quantize_weight = _quantization_api()
-        convert_for_runtime(model, bits)
-    if world_size > 1:
-        resize_for_rank(model, world_size)
-    generator = torch.Generator(device=device)
-    done = set()
-    for index, (name, param) in enumerate(list(model.named_parameters())):
-        if name in done:
-            continue
-        split = shard_style(name) != "replicate"
-        generator.manual_seed(seed * 1_000_003 + index * 7919 + (rank if split else 0))
-        if param.dtype == torch.int8:  # a quantized weight: draw the float weight, quantize it here
-            in_features = param.shape[1] * 8 // bits
-            weight = _random_fill(torch.empty(param.shape[0], in_features, dtype=dtype, device=device), name,
-                                  generator)
-            q, scale = quantize_weight(weight, bits)
-            del weight
-            _set_param(model, name, q)
-            _set_param(model, name + "_scale", scale)
-            done.add(name + "_scale")
-            continue
-        _set_param(model, name, _random_fill(torch.empty(param.shape, dtype=dtype, device=device), name, generator))
-    return parallelize(model.eval(), rank, world_size, group)
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers of `model` (one rank's share when tensor-parallel)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# ----------------------------------------------------------------------------- clocks and bandwidth
-
-class Clock:
-    """Times device work: CUDA events on a GPU, perf_counter on the CPU (which runs synchronously)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def time_ms(self, fn, repeats: int, warmup: int = 1) -> list[float]:
-        """Run `fn` warmup times, then time each of `repeats` runs; milliseconds per run."""
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                started = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - started) * 1e3)
-        return times
-
-
-def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 20) -> dict:
-    """Copy bandwidth (read + write), its read-only equivalent, and a read-only reduction, in 1e9 B/s."""
-    clock = Clock(device)
-    # Random values, never zeros; fp16 on a GPU, fp32 on a CPU (whose half arithmetic is emulated).
-    dtype = torch.float16 if clock.cuda else torch.float32
-    count = nbytes // torch.empty(0, dtype=dtype).element_size()
-    src = torch.empty(count, dtype=dtype, device=device).normal_()
-    dst = torch.empty_like(src)
-    actual = count * src.element_size()
-    copy = statistics.median(clock.time_ms(lambda: dst.copy_(src), repeats, warmup=3))
-    read = statistics.median(clock.time_ms(lambda: src.sum(dtype=torch.float32), repeats, warmup=3))
-    src = dst = None  # free both buffers before the model is built
-    if clock.cuda:
-        torch.cuda.empty_cache()
-    return {"copy_bytes": actual,
-            "copy_bandwidth_gbs": 2 * actual / copy / 1e6,
-            "copy_read_only_equivalent_gbs": actual / copy / 1e6,
-            "read_bandwidth_gbs": actual / read / 1e6}
-
-
-def _memory(device: torch.device) -> dict:
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return {"free": free + cached, "total": total}
-    try:
-        import psutil
-        info = psutil.virtual_memory()
-        return {"free": info.available, "total": info.total}
-    except ImportError:  # pragma: no cover - psutil comes with jupyter/ipyparallel
-        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        return {"free": pages * size, "total": os.sysconf("SC_PHYS_PAGES") * size}
-
-
-def _peak(device: torch.device) -> int | None:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _free_cached(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 # ----------------------------------------------------------------------------- measurements
 
-def random_contexts(config: GLMConfig, batch: int, length: int, seed: int) -> list[Context]:
-    """`batch` random prompts of `length` ids (the same on every rank: they come from `seed`)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
-    return [Context(tuple(row)) for row in ids.tolist()]
-
-
-def _generation_intervals(model, contexts, new_tokens: int, steps: StepGraphs) -> list[float]:
-    """ms between consecutive generated tokens of the real generation path (row 0's callbacks)."""
-    stamps = []
+def _generation_intervals(model, contexts, new_tokens: int, steps: StepGraphs) -> tuple[list[float], list[int]]:
+    """(ms between consecutive generated tokens, row 0's greedy tokens) of the real generation path."""
+    stamps, tokens = [], []
 
     def on_token(index, token, record):
         if index == 0:  # called after the step's tokens reached the host (`.tolist()` synchronises)
             stamps.append(time.perf_counter())
+            tokens.append(int(token))
 
     settings = GenerationSettings(max_new_tokens=new_tokens)
     generate_tokens(model, contexts, settings, end_tokens=(), on_token=on_token, steps=steps)
     if len(stamps) != new_tokens:
         raise RuntimeError(f"generation produced {len(stamps)} tokens, expected {new_tokens}")
-    return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+    return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])], tokens
 
 
 @torch.no_grad()
@@ -353,14 +192,14 @@ def measure_batch(model: GLM, steps: StepGraphs, batch: int, options: BenchOptio
     """Decode (generation path, graph replay, eager step) and prefill timings at one batch size."""
     device = clock.device
     steps.clear()
-    _free_cached(device)
-    _reset_peak(device)
+    free_cached(device)
+    reset_peak(device)
     contexts = random_contexts(model.config, batch, options.prompt_tokens, options.seed + batch)
     step = steps.step_for(batch, options.prompt_tokens + options.new_tokens)  # the one generation will use
-    _generation_intervals(model, contexts, options.new_tokens, steps)  # warm-up (and graph capture)
+    _, tokens = _generation_intervals(model, contexts, options.new_tokens, steps)  # warm-up (and graph capture)
     intervals = []
     for _ in range(options.repeats):
-        intervals += _generation_intervals(model, contexts, options.new_tokens, steps)
+        intervals += _generation_intervals(model, contexts, options.new_tokens, steps)[0]
     ms_per_token = statistics.median(intervals)
 
     ids, positions, allowed, _ = prefill_inputs(contexts, device)
@@ -386,7 +225,7 @@ def measure_batch(model: GLM, steps: StepGraphs, batch: int, options: BenchOptio
             "python_overhead_ms": ms_per_token - step_ms, "tokens_per_s": batch * 1e3 / ms_per_token,
             "prefill_ms": prefill,
             "kv_cache_bytes": (cache.keys.numel() + cache.values.numel()) * cache.keys.element_size(),
-            "cache_length": cache.max_length, "peak_gpu_bytes": _peak(device)}
+            "cache_length": cache.max_length, "peak_gpu_bytes": peak_bytes(device), "greedy_tokens": tokens}
 
 
 def prefill_workspace_bytes(config: GLMConfig, world_size: int, length: int, element: int) -> int:
@@ -417,7 +256,7 @@ def context_limits(config: GLMConfig, world_size: int, memory_free: int, workspa
 def check_context(model: GLM, length: int, clock: Clock, seed: int) -> dict:
     """Prefill length-1 random tokens into a cache of `length` and decode one step: does it fit?"""
     device = clock.device
-    _reset_peak(device)
+    reset_peak(device)
     try:
         # Eager, not captured: an out-of-memory inside a graph capture surfaces as a capture error. A
         # batch-1 graph's private pool holds only one step's temporaries, a few MB at GLM-130B's shape.
@@ -428,11 +267,11 @@ def check_context(model: GLM, length: int, clock: Clock, seed: int) -> dict:
         keys = torch.arange(length)[None, None, None, :]
         step(ids[:, -1:], positions[:, -1:] + 1, length - 1, (keys <= length - 1).to(device))
         clock.sync()
-        result = {"tokens": length, "fits": True, "peak_gpu_bytes": _peak(device)}
+        result = {"tokens": length, "fits": True, "peak_gpu_bytes": peak_bytes(device)}
     except torch.cuda.OutOfMemoryError as error:
         result = {"tokens": length, "fits": False, "error": str(error).splitlines()[0]}
     step = None
-    _free_cached(device)
+    free_cached(device)
     return result
 
 
@@ -466,13 +305,13 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
 
     _log(rank, f"building {options.config.num_layers} layers, {options.dtype}, quantization "
                f"{options.quantization}, tp {world_size}")
-    _reset_peak(device)
+    reset_peak(device)
     mark = time.perf_counter()
     model = build_random_model(options.config, DTYPES[options.dtype], device, quantization=options.quantization,
                                rank=rank, world_size=world_size, group=group, seed=options.seed)
     clock.sync()
     build_seconds = time.perf_counter() - mark
-    build_peak = _peak(device)
+    build_peak = peak_bytes(device)
     weights_allocated = torch.cuda.memory_allocated(device) if clock.cuda else None
     weights = weight_bytes(model)
     floor_ms = weights / (bandwidth["copy_bandwidth_gbs"] * 1e6)
@@ -492,12 +331,12 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
 
     # Memory left for context at batch 1, after the weights and a batch-1 decode's workspace.
     steps.clear()
-    _free_cached(device)
+    free_cached(device)
     one = DecodeStep(model, 1, 1, use_graphs=False).cache
     element = one.keys.element_size()
     kv_per_token = (one.keys.numel() + one.values.numel()) * element
     del one
-    memory = _memory(device)
+    memory = memory_info(device)
     workspace = 0
     if base is not None and clock.cuda:
         workspace = max(0, base["peak_gpu_bytes"] - weights_allocated - base["kv_cache_bytes"])
@@ -515,14 +354,14 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         from .sat_reference import time_sat_decode
 
         _log(rank, "SAT GLM130B on the same weights")
-        _free_cached(device)
-        _reset_peak(device)
+        free_cached(device)
+        reset_peak(device)
         # Batch b's prompts are the ones glmkit decoded at batch b (same seeds).
         prompts = {b: random_contexts(model.config, b, options.prompt_tokens, options.seed + b)
                    for b in options.batches}
         sat_result = time_sat_decode(model, prompts, options.new_tokens, options.repeats, device, world_size)
-        sat_result["peak_gpu_bytes"] = _peak(device)
-        _free_cached(device)
+        sat_result["peak_gpu_bytes"] = peak_bytes(device)
+        free_cached(device)
     peaks = _gather(peak, world_size)
     largest = max(records, key=lambda r: r["batch"])
     result = {
@@ -584,8 +423,6 @@ def check_can_run(options: BenchOptions) -> None:
                              f"use --device cpu")
         if options.tp > torch.cuda.device_count():
             raise ValueError(f"--tp {options.tp} needs {options.tp} GPUs; {torch.cuda.device_count()} visible")
-    if options.quantization is not None:
-        _quantization_api()
     if options.against == "sat":
         from .sat_reference import require_sat
         require_sat(need_cuda=True)

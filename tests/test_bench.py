@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from glmkit import bench
-from glmkit.bench import (BATCH_KEYS, RESULT_KEYS, BenchOptions, build_random_model, context_limits,
-                          prefill_workspace_bytes, weight_bytes)
+from glmkit.bench import BATCH_KEYS, RESULT_KEYS, BenchOptions, context_limits, prefill_workspace_bytes
 from glmkit.cli import main
 from glmkit.config import GLMConfig, load_config
-from glmkit.generation import Context, generate_tokens
+from glmkit.generation import Context, generate_tokens, prefill_inputs
+from glmkit.random_model import build_random_model, random_contexts, weight_bytes
 from glmkit.sampling import GenerationSettings
 
 TINY = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=96, vocab_size=256,
@@ -97,6 +97,41 @@ def test_tensor_parallel_shards_split_and_replicate():
     assert not torch.equal(names["transformer.word_embeddings.weight"], other["transformer.word_embeddings.weight"])
 
 
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_random_weights_are_one_model_at_every_tp_size(quantization):
+    # Each rank holds its slice of the same full tensors, so runs at different TP sizes are comparable.
+    from glmkit.tensor_parallel import merge_tensors
+    full = dict(build_random_model(TINY, torch.float16, "cpu", quantization=quantization, seed=2).named_parameters())
+    for world_size in (2, 4):
+        ranks = [dict(build_random_model(TINY, torch.float16, "cpu", quantization=quantization, seed=2,
+                                         rank=r, world_size=world_size).named_parameters())
+                 for r in range(world_size)]
+        assert set(ranks[0]) == set(full)
+        for name, tensor in full.items():
+            assert torch.equal(merge_tensors(name, [rank[name] for rank in ranks]), tensor), (world_size, name)
+
+
+def test_random_weights_are_not_chaotic():
+    # GLM-130B's width with std 0.02 made fp32 and bf16 logits differ by ~11 after 12 layers (rounding
+    # amplified layer by layer); the fan-in scaled weights must keep two precisions in agreement.
+    config = GLMConfig(num_layers=6, hidden_size=1024, num_attention_heads=8, inner_hidden_size=2688,
+                       vocab_size=4096, max_sequence_length=64)
+    contexts = random_contexts(config, 2, 24, seed=5)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_random_model(config, dtype, "cpu", seed=4)
+        ids, positions, allowed, _ = prefill_inputs(contexts, "cpu")
+        with torch.no_grad():
+            logits[dtype] = model(ids, positions, allowed, last_only=True).float()
+        for name, param in model.named_parameters():  # what keeps it stable at any width: gain < 1
+            if param.dim() == 2 and "word_embeddings" not in name:
+                assert param.float().std() * param.shape[1] ** 0.5 == pytest.approx(0.5, rel=0.05), name
+    exact, rounded = logits[torch.float32], logits[torch.bfloat16]
+    assert exact.std() > 0.3  # peaked enough to choose tokens
+    assert (exact - rounded).abs().max() < 0.1 * exact.std()
+    assert torch.equal(exact.argmax(-1), rounded.argmax(-1))
+
+
 @pytest.mark.parametrize("mode,bits", [("int8", 8), ("int4", 4)])
 def test_quantized_random_model_bytes(mode, bits):
     model = build_random_model(TINY, torch.float16, "cpu", quantization=mode)
@@ -135,6 +170,9 @@ def test_tensor_parallel_two_processes_on_cpu():
     assert r["weight_bytes_per_gpu"] < 4 * TINY.num_parameters()
     assert r["ms_per_token"] > 0 and r["logits_finite"]
     assert r["kv_cache_bytes_per_token"] == 2 * TINY.num_layers * TINY.hidden_size // 2 * 4
+    single = bench.run_bench(dataclasses.replace(options, tp=1))
+    assert r["batches"][0]["greedy_tokens"] == single["batches"][0]["greedy_tokens"]  # same weights, same tokens
+    assert len(single["batches"][0]["greedy_tokens"]) == options.new_tokens
 
 
 def test_options_are_checked_before_any_work(capsys):

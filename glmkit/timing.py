@@ -1,0 +1,94 @@
+"""Device timing for benchmarks: CUDA-event clocks, copy bandwidth, and peak/free memory, CPU-safe.
+
+On a GPU, work is timed with CUDA events after warm-up and memory comes from the caching allocator; on a
+CPU (tiny configs in tests) the same calls use perf_counter, a host memcpy and the OS's free memory.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+
+class Clock:
+    """Times device work: CUDA events on a GPU, perf_counter on the CPU (which runs synchronously)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn, repeats: int, warmup: int = 1) -> list[float]:
+        """Run `fn` warmup times, then time each of `repeats` runs; milliseconds per run."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                started = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - started) * 1e3)
+        return times
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, repeats: int = 20) -> dict:
+    """Copy bandwidth (read + write), its read-only equivalent, and a read-only reduction, in 1e9 B/s."""
+    clock = Clock(device)
+    # Random values, never zeros; fp16 on a GPU, fp32 on a CPU (whose half arithmetic is emulated).
+    dtype = torch.float16 if clock.cuda else torch.float32
+    count = nbytes // torch.empty(0, dtype=dtype).element_size()
+    src = torch.empty(count, dtype=dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    actual = count * src.element_size()
+    copy = statistics.median(clock.time_ms(lambda: dst.copy_(src), repeats, warmup=3))
+    read = statistics.median(clock.time_ms(lambda: src.sum(dtype=torch.float32), repeats, warmup=3))
+    src = dst = None  # free both buffers before the model is built
+    if clock.cuda:
+        torch.cuda.empty_cache()
+    return {"copy_bytes": actual,
+            "copy_bandwidth_gbs": 2 * actual / copy / 1e6,
+            "copy_read_only_equivalent_gbs": actual / copy / 1e6,
+            "read_bandwidth_gbs": actual / read / 1e6}
+
+
+def memory_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return {"free": free + cached, "total": total}
+    try:
+        import psutil
+        info = psutil.virtual_memory()
+        return {"free": info.available, "total": info.total}
+    except ImportError:  # pragma: no cover - psutil comes with jupyter/ipyparallel
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return {"free": pages * size, "total": os.sysconf("SC_PHYS_PAGES") * size}
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def free_cached(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
