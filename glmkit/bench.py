@@ -77,6 +77,7 @@ RESULT_KEYS = {
     "logits_finite": "the batch-1 prefill logits are all finite (random weights did not overflow)",
     "sat": "with against='sat': SAT GLM130B's numbers on the same weights (SAT_KEYS); else null",
     "speedup_vs_sat": "SAT ms_per_token ÷ glmkit ms_per_token at batch 1; null without SAT",
+    "kernel_configs": "the tuned INT8/INT4 kernel config file given, or null (the shipped one)",
     "seconds": "wall time of the whole run",
 }
 BATCH_KEYS = {
@@ -123,6 +124,7 @@ class BenchOptions:
     against: str | None = None  # "sat": SAT's GLM130B on the same weights
     seed: int = 0
     verify_context: bool = False
+    kernel_configs: str | None = None  # tuned quantized-kernel launch parameters (None: the shipped file)
 
     def __post_init__(self):
         check_precision(self.dtype, self.quantization)
@@ -142,6 +144,9 @@ class BenchOptions:
         if self.against == "sat" and (self.dtype != "fp16" or self.quantization is not None):
             raise ValueError("--against sat needs --dtype fp16 without quantization: SAT's GLM130B runs fp16 "
                              "only (it casts attention probabilities with .half())")
+        if self.kernel_configs is not None and not Path(self.kernel_configs).is_file():
+            raise ValueError(f"kernel_configs {self.kernel_configs!r} is not a file; write one with "
+                             f"scripts/bench_quant.py kernels --write-configs PATH")
         if self.verify_context and self.tp > 1:
             raise ValueError("verify_context runs at tp=1 only (an out-of-memory on one rank would leave the "
                              "others waiting in a collective)")
@@ -299,6 +304,9 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
     if device.type == "cuda":
         torch.cuda.set_device(device)
     clock = Clock(device)
+    if options.kernel_configs is not None:
+        from .quant_kernels import load_tuned_configs
+        load_tuned_configs(options.kernel_configs)  # in every rank's process
     copy_bytes = options.copy_bytes or (2**30 if clock.cuda else 64 * 2**20)
     _log(rank, f"bandwidth: copying {copy_bytes / 2**20:.0f} MiB")
     bandwidth = measure_bandwidth(device, copy_bytes)
@@ -388,6 +396,7 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         "sat": sat_result,
         "speedup_vs_sat": (sat_result["ms_per_token"] / base["ms_per_token"]
                            if sat_result and base and sat_result["ms_per_token"] else None),
+        "kernel_configs": options.kernel_configs,
         "seconds": time.perf_counter() - started,
     }
     return result

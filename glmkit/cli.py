@@ -112,7 +112,8 @@ def _bench(args) -> int:
         quantization=args.quantization or (kit.quantization if kit else None),
         tp=args.tp, batches=batches, prompt_tokens=args.prompt_tokens, new_tokens=args.tokens,
         repeats=args.repeats, copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
-        against=args.against, seed=args.seed, verify_context=args.verify_context)
+        against=args.against, seed=args.seed, verify_context=args.verify_context,
+        kernel_configs=args.kernel_configs)
     with contextlib.redirect_stdout(sys.stderr):  # whatever SAT or torch print, stdout carries only the JSON
         result = run_bench(options)
     text = json.dumps(result, indent=1)
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--verify-context", action="store_true",
                        help="prefill and decode the longest batch-1 context estimated to fit (tp 1)")
+    bench.add_argument("--kernel-configs", help="tuned INT8/INT4 kernel launch parameters (JSON from "
+                       "scripts/bench_quant.py --write-configs); default: configs/int_kernels.json")
     bench.add_argument("--out", help="also write the JSON to this file")
     bench.set_defaults(run=_bench)
 

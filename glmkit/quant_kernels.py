@@ -13,12 +13,27 @@ One kernel serves both shapes of the problem, chosen by `KernelConfig.block_m`:
 `split_k > 1` splits the input dimension over programs and sums with fp32 atomics, which gives enough
 programs to fill the GPU when the output dimension is small (row-parallel shards).
 
-The kernels run on the CPU under TRITON_INTERPRET=1 (the tests do this); `glmkit.quantization` falls back
-to dequantize + F.linear when Triton is missing or the input is on the CPU.
+INT4 unpacking is where the time goes: at batch 1 the kernel must turn 8 nibbles into 8 fp16 values for
+every 4 bytes it reads, and with plain shifts and int->float conversions (4-5 instructions a value) it is
+bound by instructions, not memory (37-44 % of copy bandwidth on an H100). On a GPU with fp16/bf16 inputs,
+`_unpack_int4` uses the magic-number conversion in inline PTX instead: a nibble u placed in the low
+mantissa bits of 1024.0 (0x6400) is the fp16 value 1024 + u, so one `lop3` (mask, or with 0x6400, and
+flip of the sign bit, which turns two's complement q into u = q + 8) makes two fp16 values at once and
+one packed fp16 subtract or fma removes the offset: about 1.3 instructions a value, all exact.
+
+Launch parameters: `default_config` takes a configuration tuned for the exact (bits, out, in) shape and
+row count from `configs/int_kernels.json` (written by `scripts/bench_quant.py kernels --write-configs`
+on a GPU), else the generic DEFAULT_CONFIGS by row count.
+
+The kernels run on the CPU under TRITON_INTERPRET=1 (the tests do this, with the portable unpacking);
+`glmkit.quantization` falls back to dequantize + F.linear when Triton is missing or the input is on the CPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -45,6 +60,7 @@ class KernelConfig:
     split_k: int = 1  # programs sharing one output tile along the input dimension (fp32 atomics when > 1)
     num_warps: int = 4
     num_stages: int = 2
+    fast_unpack: bool = True  # INT4 with fp16/bf16 inputs on a GPU: inline-PTX unpacking (see module doc)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -69,8 +85,54 @@ DEFAULT_CONFIGS: list[tuple[int, KernelConfig]] = [
 ]
 
 
+TUNED_CONFIGS_PATH = Path(__file__).resolve().parent.parent / "configs" / "int_kernels.json"
+# (bits, out_features, in_features) -> [(max rows, config)] in increasing order of rows.
+_tuned: dict[tuple[int, int, int], list[tuple[int, KernelConfig]]] | None = None
+
+
+def load_tuned_configs(path: str | Path | None = None) -> int:
+    """Use the tuned launch parameters in `path` (default: the shipped configs/int_kernels.json).
+
+    The file holds {"device": ..., "configs": [{"bits", "out_features", "in_features", "max_rows",
+    "config": {KernelConfig fields}}, ...]}. Returns how many entries were loaded; a missing default file
+    means none (generic defaults apply), a missing explicit path is an error.
+    """
+    global _tuned
+    explicit = path is not None
+    path = Path(path) if explicit else TUNED_CONFIGS_PATH
+    table: dict[tuple[int, int, int], list[tuple[int, KernelConfig]]] = {}
+    if path.exists() or explicit:
+        try:
+            entries = json.loads(path.read_text())["configs"]
+            for entry in entries:
+                key = (int(entry["bits"]), int(entry["out_features"]), int(entry["in_features"]))
+                table.setdefault(key, []).append((int(entry["max_rows"]), KernelConfig(**entry["config"])))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"kernel config file {path} does not exist; write one with "
+                                    f"scripts/bench_quant.py kernels --write-configs {path}") from None
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} is not a kernel config file ({error}); expected {{'configs': [{{'bits', "
+                             f"'out_features', 'in_features', 'max_rows', 'config': {{...}}}}]}}") from None
+    for choices in table.values():
+        choices.sort(key=lambda item: item[0])
+    _tuned = table
+    return sum(len(choices) for choices in table.values())
+
+
+def tuned_config_entries(results: list[tuple[int, int, int, int, KernelConfig]], device: str) -> dict:
+    """The JSON document load_tuned_configs reads, from (bits, out, in, max_rows, config) tuples."""
+    return {"device": device, "configs": [
+        {"bits": bits, "out_features": out, "in_features": inp, "max_rows": rows, "config": asdict(config)}
+        for bits, out, inp, rows, config in results]}
+
+
 def default_config(rows: int, out_features: int, in_features: int, bits: int) -> KernelConfig:
-    """Launch parameters for `rows` input rows from DEFAULT_CONFIGS (the largest entry beyond them)."""
+    """Launch parameters: the tuned entry for this shape covering `rows`, else DEFAULT_CONFIGS by rows."""
+    if _tuned is None:
+        load_tuned_configs()
+    for max_rows, config in _tuned.get((bits, out_features, in_features), ()):
+        if rows <= max_rows:
+            return config
     for max_rows, config in DEFAULT_CONFIGS:
         if rows <= max_rows:
             return config
@@ -80,11 +142,68 @@ def default_config(rows: int, out_features: int, in_features: int, bits: int) ->
 if triton is not None:
 
     @triton.jit
+    def _unpack_int4(packed, FAST_UNPACK: tl.constexpr):
+        """(high, low) nibbles of int8 bytes as signed values: byte i holds columns 2i (high) and 2i+1 (low).
+
+        FAST_UNPACK 1 and 2 give fp16 and bf16 through inline PTX (the module docstring explains the
+        constants); 0 gives int32 through shifts, which also runs in the interpreter.
+        """
+        if FAST_UNPACK == 1:
+            # lop3 LUT 0x6A = (~b & c) | (b & (a ^ c)): bits in mask b come from a (flipped where c is set),
+            # the others are c. High nibbles land at 1024 + 16u: fma with 1/16 and -72 gives q = u - 8.
+            high, low = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 z, d01, d23, m, s;
+                mov.b32 z, 0;
+                prmt.b32 d01, $4, z, 0x4140;
+                prmt.b32 d23, $4, z, 0x4342;
+                lop3.b32 $0, d01, 0x00F000F0, 0x64806480, 0x6A;
+                lop3.b32 $1, d23, 0x00F000F0, 0x64806480, 0x6A;
+                lop3.b32 $2, d01, 0x000F000F, 0x64086408, 0x6A;
+                lop3.b32 $3, d23, 0x000F000F, 0x64086408, 0x6A;
+                mov.b32 m, 0x2C002C00;
+                mov.b32 s, 0xD480D480;
+                fma.rn.f16x2 $0, $0, m, s;
+                fma.rn.f16x2 $1, $1, m, s;
+                mov.b32 s, 0x64086408;
+                sub.f16x2 $2, $2, s;
+                sub.f16x2 $3, $3, s;
+                }""",
+                "=r,=r,=r,=r,r", [packed], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        elif FAST_UNPACK == 2:
+            # bf16 has 7 mantissa bits: shift high nibbles down first; 128 + u minus 136 gives q.
+            high, low = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 z, d01, d23, h01, h23, one, s;
+                mov.b32 z, 0;
+                prmt.b32 d01, $4, z, 0x4140;
+                prmt.b32 d23, $4, z, 0x4342;
+                shr.b32 h01, d01, 4;
+                shr.b32 h23, d23, 4;
+                lop3.b32 $0, h01, 0x000F000F, 0x43084308, 0x6A;
+                lop3.b32 $1, h23, 0x000F000F, 0x43084308, 0x6A;
+                lop3.b32 $2, d01, 0x000F000F, 0x43084308, 0x6A;
+                lop3.b32 $3, d23, 0x000F000F, 0x43084308, 0x6A;
+                mov.b32 one, 0x3F803F80;
+                mov.b32 s, 0xC308C308;
+                fma.rn.bf16x2 $0, $0, one, s;
+                fma.rn.bf16x2 $1, $1, one, s;
+                fma.rn.bf16x2 $2, $2, one, s;
+                fma.rn.bf16x2 $3, $3, one, s;
+                }""",
+                "=r,=r,=r,=r,r", [packed], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            wide = packed.to(tl.int32)  # sign-extends, so arithmetic shifts recover signed nibbles
+            high = wide >> 4
+            low = (wide << 28) >> 28
+        return high, low
+
+    @triton.jit
     def _int_linear_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                            BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, FAST_UNPACK: tl.constexpr):
         # Grid: (output tiles, row tiles, K splits). K counts logical input features (INT4: 2 per byte).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -112,9 +231,7 @@ if triton is not None:
                 b_ok = rb < K // 2
                 packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :] * stride_wk,
                                  mask=n_ok[:, None] & b_ok[None, :], other=0)  # (BN, BK/2) int8
-                packed = packed.to(tl.int32)  # sign-extends, so arithmetic shifts recover signed nibbles
-                high = packed >> 4
-                low = (packed << 28) >> 28
+                high, low = _unpack_int4(packed, FAST_UNPACK)
                 x_mask = m_ok[:, None] & b_ok[None, :]
                 x_even = tl.load(x_ptr + rm[:, None] * stride_xm + (2 * rb)[None, :] * stride_xk,
                                  mask=x_mask, other=0.0)  # (BM, BK/2)
@@ -159,6 +276,9 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     m = x2.shape[0]
     config = config or default_config(m, n, k, bits)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
+    fast_unpack = 0
+    if bits == 4 and config.fast_unpack and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        fast_unpack = {torch.float16: 1, torch.bfloat16: 2}.get(x.dtype, 0)
     if config.split_k == 1:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
@@ -168,7 +288,7 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         x2, weight, scale, bias if bias is not None else scale, out, m, n, k,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, SPLIT_K=config.split_k, DOT_PRECISION=precision,
+        BLOCK_K=config.block_k, SPLIT_K=config.split_k, DOT_PRECISION=precision, FAST_UNPACK=fast_unpack,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if config.split_k > 1:
         if bias is not None:

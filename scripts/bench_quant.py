@@ -1,6 +1,7 @@
 """GPU benchmark of weight-only INT8/INT4 linear layers at GLM-130B shapes; prints JSON lines.
 
-    python scripts/bench_quant.py kernels [--tp 1] [--batches 1 32] [--dtype fp16] [--sweep quick|full|none]
+    python scripts/bench_quant.py kernels [--tp 1 2] [--batches 1 32] [--bits 8 4] [--dtype fp16]
+                                         [--sweep quick|full|none] [--write-configs configs/int_kernels.json]
     python scripts/bench_quant.py load DIR [--layers 2] [--shards 2] [--bits 4] [--tp 1]
 
 `kernels` first checks the Triton kernel against dequantize + F.linear on the GPU, then, for each layer of a
@@ -11,6 +12,9 @@ each batch size and INT8/INT4, times:
   dense      F.linear on the fp16/bf16 weight (the unquantized baseline)
 Each record gives milliseconds, the weight bytes read, GB/s and the fraction of the measured copy bandwidth
 (the bandwidth floor). The last record sums one block and extrapolates 70 layers to tokens/s (weights only).
+INT4 records also time the best configuration with the portable shift-based unpacking (`kernel_best_portable`)
+to show what the inline-PTX unpacking gains. `--write-configs` merges the winners, per (bits, out, in, batch),
+into the JSON file glmkit.quant_kernels.default_config reads (configs/int_kernels.json is the shipped one).
 
 `load` writes a random fp16 checkpoint of GLM-130B shape (--layers, --shards; about 3.2 GB per layer plus
 3.7 GB of embedding) into DIR if it is not there, then loads it with quantize-while-loading onto the GPU and
@@ -20,6 +24,7 @@ memory-mapped shards) against one shard's size, and peak GPU memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -87,10 +92,11 @@ def sweep_configs(batch: int, level: str) -> list[KernelConfig]:
     return configs
 
 
-def check_kernel(dtype: torch.dtype) -> list[dict]:
-    """Kernel against dequantize + F.linear on the GPU, including ragged shapes."""
+def check_kernel() -> list[dict]:
+    """Kernel against dequantize + F.linear on the GPU in fp16 and bf16 (both INT4 unpackings), ragged shapes."""
     results = []
-    for bits, (out, inp), rows in itertools.product((8, 4), [(96, 160), (3000, 4096), (12288, 1536)], (1, 5, 32, 100)):
+    for dtype, bits, (out, inp), rows in itertools.product(
+            (torch.float16, torch.bfloat16), (8, 4), [(96, 160), (3000, 4096), (12288, 1536)], (1, 5, 32, 100)):
         w = torch.randn(out, inp, device="cuda")
         q, scale = quantize_weight(w, bits)
         x = torch.randn(rows, inp, device="cuda", dtype=dtype)
@@ -99,7 +105,7 @@ def check_kernel(dtype: torch.dtype) -> list[dict]:
         for config in [None] + [c for c in sweep_configs(rows, "quick")[:3]]:
             got = int_linear(x, q, scale, bias, bits, config).float()
             error = ((got - expected).abs().max() / expected.abs().max()).item()
-            results.append({"check": True, "bits": bits, "shape": [out, inp], "rows": rows,
+            results.append({"check": True, "dtype": str(dtype), "bits": bits, "shape": [out, inp], "rows": rows,
                             "config": None if config is None else config.__dict__, "relative_error": error,
                             "ok": error < 1e-2})
     return results
@@ -111,10 +117,38 @@ def kernels(args) -> None:
     copy = copy_bandwidth_gbs()
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbs": round(copy, 1), "tp": args.tp,
                       "dtype": args.dtype}), flush=True)
-    failures = [r for r in check_kernel(dtype) if not r["ok"]]
-    print(json.dumps({"check": "kernel vs dequantize+F.linear", "failures": failures}), flush=True)
+    checks = check_kernel()
+    failures = [r for r in checks if not r["ok"]]
+    print(json.dumps({"check": "kernel vs dequantize+F.linear", "cases": len(checks), "failures": failures}),
+          flush=True)
+    if failures:
+        sys.exit("the kernel disagrees with dequantize + F.linear; not timing it")
+    winners = []
+    for tp in args.tp:
+        winners += kernels_at(args, tp, dtype, copy)
+    if args.write_configs:
+        write_configs(Path(args.write_configs), winners)
+
+
+def write_configs(path: Path, winners: list[tuple]) -> None:
+    """Merge `winners` (bits, out, in, batch, config) into the tuned-config file at `path`."""
+    entries = {}
+    if path.exists():
+        for entry in json.loads(path.read_text())["configs"]:
+            entries[(entry["bits"], entry["out_features"], entry["in_features"], entry["max_rows"])] = entry
+    document = quant_kernels.tuned_config_entries(winners, torch.cuda.get_device_name())
+    for entry in document["configs"]:
+        entries[(entry["bits"], entry["out_features"], entry["in_features"], entry["max_rows"])] = entry
+    document["configs"] = [entries[key] for key in sorted(entries)]
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    print(json.dumps({"wrote": str(path), "entries": len(document["configs"])}), flush=True)
+
+
+def kernels_at(args, tp: int, dtype: torch.dtype, copy: float) -> list[tuple]:
+    """Time every layer shape of one rank at `tp`; returns the sweep winners (bits, out, in, batch, config)."""
     totals: dict[tuple, float] = {}
-    for name, (out, inp) in layer_shapes(args.tp).items():
+    winners = []
+    for name, (out, inp) in layer_shapes(tp).items():
         w = torch.randn(out, inp, device="cuda", dtype=dtype) * 0.02
         bias = torch.randn(out, device="cuda", dtype=dtype)
         for batch in args.batches:
@@ -122,7 +156,7 @@ def kernels(args) -> None:
             dense_bytes = w.numel() * w.element_size()
             ms = bench_ms(lambda: F.linear(x, w, bias))
             record(name, "dense", 16, batch, ms, dense_bytes, copy, totals)
-            for bits in (8, 4):
+            for bits in args.bits:
                 q, scale = quantize_weight(w, bits)
                 weight_bytes = q.numel() + scale.numel() * 2
                 ms = bench_ms(lambda: F.linear(x, dequantize_weight(q, scale, bits, dtype), bias))
@@ -141,11 +175,18 @@ def kernels(args) -> None:
                         best = (candidate_ms, candidate)
                 if args.sweep != "none":
                     record(name, "kernel_best", bits, batch, best[0], weight_bytes, copy, totals, best[1])
+                    winners.append((bits, out, inp, batch, best[1]))
+                if bits == 4:
+                    portable = dataclasses.replace(best[1], fast_unpack=False)
+                    ms = bench_ms(lambda: int_linear(x, q, scale, bias, bits, portable))
+                    record(name, "kernel_best_portable", bits, batch, ms, weight_bytes, copy, totals, portable)
     for (method, bits, batch), ms in sorted(totals.items()):
-        per_token = ms * LAYERS
-        print(json.dumps({"summary": "one block (4 linears), weights only", "method": method, "bits": bits,
-                          "batch": batch, "block_ms": round(ms, 4), "70_layers_ms": round(per_token, 2),
+        per_token = ms * LAYERS  # every rank runs its shard of all 70 layers at once
+        print(json.dumps({"summary": "one block (4 linears), weights only", "tp": tp, "method": method,
+                          "bits": bits, "batch": batch, "block_ms": round(ms, 4),
+                          "70_layers_ms": round(per_token, 2),
                           "70_layers_tokens_per_s": round(1000 * batch / per_token, 1)}), flush=True)
+    return winners
 
 
 def record(name, method, bits, batch, ms, weight_bytes, copy_gbs, totals, config=None) -> None:
@@ -233,8 +274,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     k = sub.add_parser("kernels")
-    k.add_argument("--tp", type=int, default=1)
+    k.add_argument("--tp", type=int, nargs="+", default=[1], help="shard shapes of these TP sizes")
     k.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    k.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[8, 4])
+    k.add_argument("--write-configs", help="merge the sweep's winners into this tuned-config JSON file")
     k.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
     k.add_argument("--sweep", choices=["none", "quick", "full"], default="quick")
     ld = sub.add_parser("load")

@@ -518,5 +518,30 @@ def test_kernel_config_checks():
         KernelConfig(block_k=16)
 
 
+def test_tuned_kernel_configs_pick_by_shape_and_rows(tmp_path):
+    from glmkit import quant_kernels
+    from glmkit.quant_kernels import KernelConfig, default_config, load_tuned_configs, tuned_config_entries
+
+    small, large = KernelConfig(block_m=16, block_n=32, block_k=256), KernelConfig(block_m=32, block_n=128)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps(tuned_config_entries([(4, 36864, 12288, 32, large), (4, 36864, 12288, 1, small)],
+                                                    "test GPU")))
+    try:
+        assert load_tuned_configs(path) == 2
+        assert default_config(1, 36864, 12288, 4) == small
+        assert default_config(7, 36864, 12288, 4) == large  # the next larger tuned batch covers it
+        generic = dict(quant_kernels.DEFAULT_CONFIGS)
+        assert default_config(64, 36864, 12288, 4) == generic[64]  # beyond the tuned rows
+        assert default_config(1, 36864, 12288, 8) == generic[1]  # other bits: not tuned
+        assert default_config(1, 4096, 12288, 4) == generic[1]  # other shape
+        path.write_text(json.dumps({"configs": [{"bits": 4}]}))
+        with pytest.raises(ValueError, match="is not a kernel config file"):
+            load_tuned_configs(path)
+        with pytest.raises(FileNotFoundError, match="--write-configs"):
+            load_tuned_configs(tmp_path / "missing.json")
+    finally:
+        load_tuned_configs()  # back to the shipped file
+
+
 if __name__ == "__main__":
     print(json.dumps(_run_kernel_cases()))
