@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GLMConfig
+from .norm_kernels import add_layernorm
 
 # SAT fills masked attention scores with this constant rather than -inf; keeping it makes fully
 # masked rows (left padding) behave exactly like the original instead of producing NaNs.
@@ -86,8 +87,9 @@ class Attention(nn.Module):
         hd = self.config.head_dim
         # SAT lays the fused projection out per head as [q, k, v], each head_dim wide.
         qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, hd)  # (b, s, nh, 3, hd)
-        q, k, v = qkv.unbind(dim=3)  # (b, s, nh, hd) each
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q and k rotate together (half the kernel launches of rotating each: decode is launch-bound).
+        q, k = apply_rotary(qkv[:, :, :, :2], cos[:, :, :, None], sin[:, :, :, None]).unbind(dim=3)
+        v = qkv[:, :, :, 2]  # (b, s, nh, hd) each
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, nh, s, hd)
         if cache is not None and isinstance(start, torch.Tensor):
             # Static shapes (CUDA graphs): write at the positions held in `start`, attend over the
@@ -131,12 +133,17 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, cos, sin, allowed, cache, start):
-        # Post-LN with DeepNorm: the residual is the *normalised* input scaled by alpha.
-        x = self.input_layernorm(hidden)
-        hidden = x * self.alpha + self.attention(x, cos, sin, allowed, cache, start)
-        y = self.post_attention_layernorm(hidden)
-        return y * self.alpha + self.mlp(y)
+    def forward(self, residual, branch, cos, sin, allowed, cache, start):
+        """This block's output as a pair (y, m) standing for y * alpha + m, with its input given the same way.
+
+        Post-LN with DeepNorm: the residual is the *normalised* input scaled by alpha. The sum is left to
+        the next LayerNorm, which adds and normalises in one kernel on a GPU (glmkit.norm_kernels); the
+        first block gets (None, embeddings).
+        """
+        x = add_layernorm(self.input_layernorm, residual, branch, self.alpha)
+        y = add_layernorm(self.post_attention_layernorm, x, self.attention(x, cos, sin, allowed, cache, start),
+                          self.alpha)
+        return y, self.mlp(y)
 
 
 class Transformer(nn.Module):
@@ -179,13 +186,14 @@ class GLM(nn.Module):
             expected = (b, 1, s, start + s)
         if allowed.shape != expected:
             raise ValueError(f"attention mask has shape {tuple(allowed.shape)}; expected {expected}")
-        hidden = self.transformer.word_embeddings(input_ids)  # (b, s, h)
-        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base, hidden.dtype)
+        residual, branch = None, self.transformer.word_embeddings(input_ids)  # (b, s, h)
+        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base, branch.dtype)
         for layer in self.transformer.layers:
-            hidden = layer(hidden, cos, sin, allowed, cache, start)
+            residual, branch = layer(residual, branch, cos, sin, allowed, cache, start)
         if last_only:
-            hidden = hidden[:, -1:]
-        hidden = self.transformer.final_layernorm(hidden)
+            residual, branch = residual[:, -1:], branch[:, -1:]
+        alpha = self.config.deepnorm_alpha
+        hidden = add_layernorm(self.transformer.final_layernorm, residual, branch, alpha)
         # Tied output projection; on a tensor-parallel rank this is the local vocab slice, which
         # the tensor-parallel transform gathers with a forward hook.
         return F.linear(hidden, self.transformer.word_embeddings.weight)  # (b, s, vocab/tp)

@@ -61,6 +61,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     fast_unpack: bool = True  # INT4 with fp16/bf16 inputs on a GPU: inline-PTX unpacking (see module doc)
+    int4_join: bool = True  # INT4: one product over interleaved nibbles (else two over strided x columns)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -203,7 +204,7 @@ if triton is not None:
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                            BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, FAST_UNPACK: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, FAST_UNPACK: tl.constexpr, INT4_JOIN: tl.constexpr):
         # Grid: (output tiles, row tiles, K splits). K counts logical input features (INT4: 2 per byte).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -214,19 +215,30 @@ if triton is not None:
         n_ok = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-            if BITS == 8:
-                rk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = rk < K
-                w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
-                            mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BN, BK) int8
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            if BITS == 8 or INT4_JOIN:
+                # x is read contiguously (vectorised loads); an INT4 weight is unpacked and its two
+                # nibble planes interleaved back into (BN, BK) column order, so both widths share one product.
                 x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+                if BITS == 8:
+                    w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+                                mask=n_ok[:, None] & k_ok[None, :], other=0)  # (BN, BK) int8
+                else:
+                    # Byte i of a row holds columns 2i (high nibble) and 2i+1 (low nibble), both signed.
+                    rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                    packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :] * stride_wk,
+                                     mask=n_ok[:, None] & (rb < K // 2)[None, :], other=0)  # (BN, BK/2) int8
+                    high, low = _unpack_int4(packed, FAST_UNPACK)
+                    w = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K))  # [..., 2i] high, [..., 2i+1] low
                 if BLOCK_M >= 16:
                     acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
                 else:
                     acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             else:
-                # Byte i of a row holds columns 2i (high nibble) and 2i+1 (low nibble), both signed.
+                # INT4 as two half-width products: x's even and odd columns (strided loads) against the
+                # high and low nibble planes. Kept for comparison in scripts/bench_quant.py.
                 rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 b_ok = rb < K // 2
                 packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :] * stride_wk,
@@ -289,6 +301,7 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, SPLIT_K=config.split_k, DOT_PRECISION=precision, FAST_UNPACK=fast_unpack,
+        INT4_JOIN=config.int4_join,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if config.split_k > 1:
         if bias is not None:

@@ -13,7 +13,7 @@ each batch size and INT8/INT4, times:
 Each record gives milliseconds, the weight bytes read, GB/s and the fraction of the measured copy bandwidth
 (the bandwidth floor). The last record sums one block and extrapolates 70 layers to tokens/s (weights only).
 INT4 records also time the best configuration with the portable shift-based unpacking (`kernel_best_portable`)
-to show what the inline-PTX unpacking gains. `--write-configs` merges the winners, per (bits, out, in, batch),
+and with two half-width products over strided x columns (`kernel_best_strided`), to show what each gains. `--write-configs` merges the winners, per (bits, out, in, batch),
 into the JSON file glmkit.quant_kernels.default_config reads (configs/int_kernels.json is the shipped one).
 
 `load` writes a random fp16 checkpoint of GLM-130B shape (--layers, --shards; about 3.2 GB per layer plus
@@ -176,10 +176,12 @@ def kernels_at(args, tp: int, dtype: torch.dtype, copy: float) -> list[tuple]:
                 if args.sweep != "none":
                     record(name, "kernel_best", bits, batch, best[0], weight_bytes, copy, totals, best[1])
                     winners.append((bits, out, inp, batch, best[1]))
-                if bits == 4:
-                    portable = dataclasses.replace(best[1], fast_unpack=False)
-                    ms = bench_ms(lambda: int_linear(x, q, scale, bias, bits, portable))
-                    record(name, "kernel_best_portable", bits, batch, ms, weight_bytes, copy, totals, portable)
+                if bits == 4:  # what each INT4 technique gains: the winner without it
+                    for method, change in (("kernel_best_portable", {"fast_unpack": False}),
+                                           ("kernel_best_strided", {"int4_join": False})):
+                        variant = dataclasses.replace(best[1], **change)
+                        ms = bench_ms(lambda: int_linear(x, q, scale, bias, bits, variant))
+                        record(name, method, bits, batch, ms, weight_bytes, copy, totals, variant)
     for (method, bits, batch), ms in sorted(totals.items()):
         per_token = ms * LAYERS  # every rank runs its shard of all 70 layers at once
         print(json.dumps({"summary": "one block (4 linears), weights only", "tp": tp, "method": method,

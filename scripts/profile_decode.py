@@ -30,7 +30,8 @@ from glmkit.random_model import build_random_model, weight_bytes  # noqa: E402
 from glmkit.timing import Clock, measure_bandwidth  # noqa: E402
 
 # First matching substring of the (lower-cased) kernel name decides the group.
-GROUPS = [("quantized", ("int_linear",)), ("gemm/gemv", ("gemv", "gemm", "sm90_xmma", "cutlass", "splitk")),
+GROUPS = [("quantized", ("int_linear",)), ("norm (fused)", ("add_layernorm",)),
+          ("gemm/gemv", ("gemv", "gemm", "sm90_xmma", "cutlass", "splitk", "nvjet")),
           ("nccl", ("nccl",)), ("softmax", ("softmax",)), ("layernorm", ("layer_norm", "layernorm")),
           ("copy/index", ("copy", "index", "cat", "scatter", "gather")), ("reduce", ("reduce",)),
           ("elementwise", ("elementwise", "vectorized")), ("triton (fused)", ("triton",))]

@@ -463,7 +463,9 @@ def test_quantize_while_loading_holds_one_weight_not_a_shard(tmp_path, monkeypat
 KERNEL_CASES = [dict(block_m=1, block_n=16, block_k=64),  # GEMV, masked K and N tails
                 dict(block_m=4, block_n=32, block_k=32, split_k=2),  # fp32 atomics over K splits
                 dict(block_m=16, block_n=16, block_k=64),  # tl.dot
-                dict(block_m=16, block_n=32, block_k=32, split_k=3)]
+                dict(block_m=16, block_n=32, block_k=32, split_k=3),
+                dict(block_m=16, block_n=16, block_k=64, int4_join=False),  # INT4 over strided x columns
+                dict(block_m=2, block_n=16, block_k=64, int4_join=False)]
 
 
 def _run_kernel_cases() -> list[dict]:
