@@ -75,6 +75,8 @@ RESULT_KEYS = {
     "context_check": "with verify_context: the context length actually prefilled and decoded, and whether it "
                      "fit; else null",
     "logits_finite": "the batch-1 prefill logits are all finite (random weights did not overflow)",
+    "prefill_top_logits": "the 16 largest logits of the batch-1 prefill's last position, [token, value]: the "
+                          "random weights do not depend on tp, so runs at different TP sizes must agree",
     "sat": "with against='sat': SAT GLM130B's numbers on the same weights (SAT_KEYS); else null",
     "speedup_vs_sat": "SAT ms_per_token ÷ glmkit ms_per_token at batch 1; null without SAT",
     "kernel_configs": "the tuned INT8/INT4 kernel config file given, or null (the shipped one)",
@@ -328,7 +330,11 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
     records = []
     with torch.no_grad():
         contexts = random_contexts(model.config, 1, options.prompt_tokens, options.seed + 1)
-        finite = bool(torch.isfinite(model(*prefill_inputs(contexts, device)[:3], last_only=True)).all())
+        logits = model(*prefill_inputs(contexts, device)[:3], last_only=True)[0, -1].float()
+        finite = bool(torch.isfinite(logits).all())
+        values, tokens = logits.topk(16)
+        top_logits = [[token, value] for token, value in zip(tokens.tolist(), values.tolist())]
+        del logits
     for batch in options.batches:
         _log(rank, f"batch {batch}: generation path, graph replay, eager step, prefill")
         records.append(measure_batch(model, steps, batch, options, clock))
@@ -392,7 +398,7 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         "device_memory_bytes": memory["total"],
         "kv_cache_bytes_per_token": kv_per_token,
         "max_context_tokens": max_context, "max_context_tokens_with_prefill": max_context_prefill,
-        "context_check": context, "logits_finite": finite,
+        "context_check": context, "logits_finite": finite, "prefill_top_logits": top_logits,
         "sat": sat_result,
         "speedup_vs_sat": (sat_result["ms_per_token"] / base["ms_per_token"]
                            if sat_result and base and sat_result["ms_per_token"] else None),

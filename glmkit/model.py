@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention_kernels
 from .config import GLMConfig
 from .norm_kernels import add_layernorm
 
@@ -87,6 +88,12 @@ class Attention(nn.Module):
         hd = self.config.head_dim
         # SAT lays the fused projection out per head as [q, k, v], each head_dim wide.
         qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, hd)  # (b, s, nh, 3, hd)
+        if s == 1 and cache is not None and isinstance(start, torch.Tensor) and attention_kernels.kernel_usable(x):
+            # The fixed-shape decode step on a GPU: one fused kernel instead of ~16 launches.
+            context = attention_kernels.decode_attention(
+                qkv, cos, sin, cache.keys[self.layer_id], cache.values[self.layer_id], start, allowed,
+                float(self.layer_id + 1))
+            return self.dense(context)
         # q and k rotate together (half the kernel launches of rotating each: decode is launch-bound).
         q, k = apply_rotary(qkv[:, :, :, :2], cos[:, :, :, None], sin[:, :, :, None]).unbind(dim=3)
         v = qkv[:, :, :, 2]  # (b, s, nh, hd) each

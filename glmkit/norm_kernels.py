@@ -34,15 +34,17 @@ def add_layernorm(norm: nn.LayerNorm, residual: torch.Tensor | None, branch: tor
                   use_kernel: bool | None = None) -> torch.Tensor:
     """norm(residual * alpha + branch), or norm(branch) when `residual` is None, in `branch`'s dtype.
 
+    The kernel serves both (PyTorch's own LayerNorm is the slow part at decode batch sizes).
+
     `use_kernel` None picks the Triton kernel for CUDA tensors; True forces it (the tests run it under
     TRITON_INTERPRET=1 on the CPU), False forces the eager ops.
     """
-    if residual is None:
-        return norm(branch)
     if use_kernel is None:
         use_kernel = _kernel_usable(branch)
     if not use_kernel:
-        return norm(residual * alpha + branch)
+        return norm(branch) if residual is None else norm(residual * alpha + branch)
+    has_residual = residual is not None
+    residual = branch if residual is None else residual  # a placeholder pointer; the kernel ignores it
     if residual.shape != branch.shape or residual.dtype != branch.dtype:
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} and branch {tuple(branch.shape)} "
                          f"{branch.dtype} must have the same shape and dtype")
@@ -55,7 +57,7 @@ def add_layernorm(norm: nn.LayerNorm, residual: torch.Tensor | None, branch: tor
     _add_layernorm_kernel[(res2.shape[0],)](
         res2, branch2, norm.weight, norm.bias, out, width, float(alpha), float(norm.eps),
         res2.stride(0), branch2.stride(0), out.stride(0),
-        BLOCK=block, num_warps=max(1, min(16, block // 1024)))
+        HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=max(1, min(16, block // 1024)))
     return out.view(branch.shape)
 
 
@@ -63,16 +65,18 @@ if triton is not None:
 
     @triton.jit
     def _add_layernorm_kernel(res_ptr, branch_ptr, weight_ptr, bias_ptr, out_ptr, N, alpha, eps,
-                              stride_res, stride_branch, stride_out, BLOCK: tl.constexpr):
+                              stride_res, stride_branch, stride_out, HAS_RESIDUAL: tl.constexpr,
+                              BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
         dtype = out_ptr.dtype.element_ty
-        res = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
-        branch = tl.load(branch_ptr + row * stride_branch + cols, mask=ok, other=0.0).to(tl.float32)
-        # Round as the eager `residual * alpha + branch` does (each op rounds to the model dtype).
-        scaled = (res * alpha).to(dtype).to(tl.float32)
-        hidden = (scaled + branch).to(dtype).to(tl.float32)
+        hidden = tl.load(branch_ptr + row * stride_branch + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            res = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
+            # Round as the eager `residual * alpha + branch` does (each op rounds to the model dtype).
+            scaled = (res * alpha).to(dtype).to(tl.float32)
+            hidden = (scaled + hidden).to(dtype).to(tl.float32)
         hidden = tl.where(ok, hidden, 0.0)
         mean = tl.sum(hidden, axis=0) / N
         centred = tl.where(ok, hidden - mean, 0.0)

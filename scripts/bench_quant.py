@@ -1,7 +1,7 @@
 """GPU benchmark of weight-only INT8/INT4 linear layers at GLM-130B shapes; prints JSON lines.
 
     python scripts/bench_quant.py kernels [--tp 1 2] [--batches 1 32] [--bits 8 4] [--dtype fp16]
-                                         [--sweep quick|full|none] [--write-configs configs/int_kernels.json]
+                                         [--sweep quick|full|wide|none] [--write-configs configs/int_kernels.json]
     python scripts/bench_quant.py load DIR [--layers 2] [--shards 2] [--bits 4] [--tp 1]
 
 `kernels` first checks the Triton kernel against dequantize + F.linear on the GPU, then, for each layer of a
@@ -77,9 +77,13 @@ def sweep_configs(batch: int, level: str) -> list[KernelConfig]:
                           block_k=[256, 512, 1024], split_k=[1, 2, 4],
                           num_warps=[4] if level == "quick" else [4, 8],
                           num_stages=[2] if level == "quick" else [1, 2, 3]))
-    grids.append(dict(block_m=[max(16, min(64, 1 << (batch - 1).bit_length()))], block_n=[32, 64, 128],
-                      block_k=[64, 128, 256], split_k=[1, 2], num_warps=[4] if level == "quick" else [4, 8],
-                      num_stages=[3] if level == "quick" else [2, 3, 4]))
+    if level == "wide":  # tensor-core tiles only (they won every batch-1 INT4 shape), deeper K and pipelines
+        grids = [dict(block_m=[max(16, min(64, 1 << (batch - 1).bit_length()))], block_n=[32, 64, 128],
+                      block_k=[256, 512], split_k=[1, 2, 4], num_warps=[4, 8], num_stages=[3, 4])]
+    else:
+        grids.append(dict(block_m=[max(16, min(64, 1 << (batch - 1).bit_length()))], block_n=[32, 64, 128],
+                          block_k=[64, 128, 256], split_k=[1, 2], num_warps=[4] if level == "quick" else [4, 8],
+                          num_stages=[3] if level == "quick" else [2, 3, 4]))
     configs = []
     for grid in grids:
         for values in itertools.product(*grid.values()):
@@ -281,7 +285,7 @@ def main() -> None:
     k.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[8, 4])
     k.add_argument("--write-configs", help="merge the sweep's winners into this tuned-config JSON file")
     k.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    k.add_argument("--sweep", choices=["none", "quick", "full"], default="quick")
+    k.add_argument("--sweep", choices=["none", "quick", "full", "wide"], default="quick")
     ld = sub.add_parser("load")
     ld.add_argument("dir")
     ld.add_argument("--layers", type=int, default=2)

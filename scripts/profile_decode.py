@@ -45,6 +45,31 @@ def group_of(name: str) -> str:
     return "other"
 
 
+@torch.inference_mode()
+def check_fused_kernels(step: DecodeStep) -> dict:
+    """Logits of one decode step with glmkit's fused GPU kernels against the same step in eager ops."""
+    from glmkit import attention_kernels, norm_kernels
+
+    generator = torch.Generator(device=step.cache.keys.device).manual_seed(0)
+    for tensor in (step.cache.keys, step.cache.values):
+        tensor.normal_(0.0, 1.0, generator=generator)  # a filled cache, so attention has something to mix
+    length = step.allowed.shape[-1]
+    step.ids.fill_(1234)
+    step.positions.fill_(length // 2)
+    step.index.fill_(length // 2)
+    step.allowed.copy_((torch.arange(length, device=step.allowed.device) <= length // 2).expand_as(step.allowed))
+    fused = step._run().float()
+    saved = attention_kernels.kernel_usable, norm_kernels._kernel_usable
+    attention_kernels.kernel_usable = norm_kernels._kernel_usable = lambda tensor: False
+    try:
+        eager = step._run().float()
+    finally:
+        attention_kernels.kernel_usable, norm_kernels._kernel_usable = saved
+    return {"check": "fused kernels vs eager ops, one decode step's logits",
+            "max_abs_difference": (fused - eager).abs().max().item(), "logit_std": eager.std().item(),
+            "same_argmax": bool(torch.equal(fused.argmax(-1), eager.argmax(-1)))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -64,6 +89,7 @@ def main() -> None:
     bandwidth = measure_bandwidth(device, 2**30)
     model = build_random_model(config, DTYPES[args.dtype], device, quantization=args.quantization)
     step = DecodeStep(model, args.batch, args.length, use_graphs=True)
+    print(json.dumps(check_fused_kernels(step)), flush=True)
     clock = Clock(device)
     wall = statistics.median(clock.time_ms(lambda: [step.graph.replay() for _ in range(args.steps)], 5)) / args.steps
 

@@ -172,6 +172,9 @@ def test_tensor_parallel_two_processes_on_cpu():
     assert r["kv_cache_bytes_per_token"] == 2 * TINY.num_layers * TINY.hidden_size // 2 * 4
     single = bench.run_bench(dataclasses.replace(options, tp=1))
     assert r["batches"][0]["greedy_tokens"] == single["batches"][0]["greedy_tokens"]  # same weights, same tokens
+    ours, theirs = (dict(run["prefill_top_logits"]) for run in (r, single))
+    assert list(ours) == list(theirs) and len(ours) == 16  # the same 16 tokens in the same order
+    assert all(abs(ours[t] - theirs[t]) < 1e-4 for t in ours)
     assert len(single["batches"][0]["greedy_tokens"]) == options.new_tokens
 
 

@@ -43,6 +43,13 @@ def _run_cases() -> list[dict]:
             results.append({"dtype": name, "shape": list(shape), "same_dtype": fused.dtype == dtype,
                             "same_shape": list(fused.shape) == list(shape),
                             "error_in_ulps": ((fused.double() - exact).abs() / ulp).max().item()})
+            alone = add_layernorm(norm, None, branch, 11.8, use_kernel=True)  # the first block's input
+            exact = torch.nn.functional.layer_norm(branch.double(), shape[-1:], norm.weight.double(),
+                                                   norm.bias.double(), norm.eps)
+            ulp = torch.finfo(dtype).eps * exact.abs().clamp(min=1.0)
+            results.append({"dtype": name, "shape": list(shape), "same_dtype": alone.dtype == dtype,
+                            "same_shape": list(alone.shape) == list(shape),
+                            "error_in_ulps": ((alone.double() - exact).abs() / ulp).max().item()})
     return results
 
 
@@ -53,12 +60,12 @@ def test_fused_add_layernorm_matches_eager_ops_under_interpreter():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == 9
+    assert len(results) == 18
     bad = [r for r in results if not (r["same_dtype"] and r["same_shape"] and r["error_in_ulps"] <= ULPS[r["dtype"]])]
     assert not bad, bad
 
 
-def test_first_block_input_is_a_plain_layernorm_and_cpu_uses_eager_ops():
+def test_cpu_tensors_use_the_eager_ops():
     norm = nn.LayerNorm(8)
     x, y = torch.randn(2, 8), torch.randn(2, 8)
     assert torch.equal(add_layernorm(norm, None, x, 2.0), norm(x))

@@ -1,0 +1,144 @@
+"""GLM attention for one decode step as one GPU kernel: rotary, KV-cache write, scores, softmax, values.
+
+In eager PyTorch a decode step's attention is about 16 launches per layer (rotary on q and k, two cache
+writes, the q scaling, two batched matmuls, the mask, the fp32 softmax and its casts, a reshape copy), each
+a few microseconds of a mostly idle GPU: on an H100 about 30 us per layer against 400 us of INT4 weight
+reads (scripts/profile_decode.py). `decode_attention` does all of it in one program per (sequence, head).
+
+It follows the eager ops' roundings, so GPU and CPU decode agree up to summation order:
+  q, k rotated as x*cos + rotate_half(x)*sin with each product and the sum rounded to the model dtype;
+  q divided by sqrt(head_dim) * coeff and rounded (GLM-130B's overflow guard, coeff = layer index + 1);
+  each score rounded to the model dtype (a half-precision matmul's output), masked with -10000,
+  multiplied by coeff in fp32, softmax in fp32, probabilities rounded to the model dtype, and the
+  weighted sum of values accumulated in fp32 and rounded once.
+Scores go through a small fp32 scratch buffer (sequence x head x cache length), so any cache length works
+with a fixed number of registers.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs use the eager attention in glmkit.model
+    triton = None
+    tl = None
+
+BLOCK_T = 64  # cache positions per loop step
+
+
+def kernel_usable(tensor: torch.Tensor) -> bool:
+    """True when decode_attention can run on `tensor`'s device (CUDA, or Triton's interpreter)."""
+    if triton is None:
+        return False
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, slot: torch.Tensor, allowed: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Attention output (b, 1, heads * head_dim) of one decode step; writes k and v into the cache.
+
+    qkv (b, 1, heads, 3, head_dim) is the fused projection; cos, sin (b, 1, 1, head_dim) the rotary
+    tables; keys, values (b, heads, T, head_dim) this layer's cache; slot (1,) the cache position to
+    write; allowed (b, 1, 1, T) bool the positions each sequence may attend to.
+    """
+    b, s, heads, three, hd = qkv.shape
+    if s != 1 or three != 3:
+        raise ValueError(f"decode_attention takes qkv of shape (b, 1, heads, 3, head_dim), got {tuple(qkv.shape)}")
+    length = keys.shape[2]
+    if keys.shape != (b, heads, length, hd) or values.shape != keys.shape:
+        raise ValueError(f"cache keys {tuple(keys.shape)} / values {tuple(values.shape)} do not match "
+                         f"qkv {tuple(qkv.shape)}")
+    if allowed.shape != (b, 1, 1, length) or slot.shape != (1,):
+        raise ValueError(f"allowed must be ({b}, 1, 1, {length}) and slot (1,), got {tuple(allowed.shape)} "
+                         f"and {tuple(slot.shape)}")
+    if hd & (hd - 1):
+        raise ValueError(f"decode_attention needs a power-of-two head dim, got {hd}")
+    cos, sin = cos.expand(b, 1, 1, hd), sin.expand(b, 1, 1, hd)
+    out = torch.empty(b, 1, heads * hd, dtype=qkv.dtype, device=qkv.device)
+    scratch = torch.empty(b * heads, length, dtype=torch.float32, device=qkv.device)
+    _decode_attention_kernel[(b * heads,)](
+        qkv, cos, sin, keys, values, slot, allowed, out, scratch, length,
+        _reciprocal(math.sqrt(hd) * coeff), coeff,
+        qkv.stride(0), qkv.stride(2), qkv.stride(3), cos.stride(0), sin.stride(0),
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        allowed.stride(0), allowed.stride(3), out.stride(0),
+        HEADS=heads, HEAD_DIM=hd, BLOCK_T=BLOCK_T, num_warps=4)
+    return out
+
+
+def _reciprocal(divisor: float) -> float:
+    # PyTorch's CUDA division by a Python scalar multiplies by the fp32 reciprocal: do the same.
+    return float(np.float32(1.0) / np.float32(divisor))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate(x_ptr, cos, sin, d, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, dtype: tl.constexpr):
+        # x*cos + rotate_half(x)*sin, rotate_half((x1, x2)) = (-x2, x1); each op rounded like the eager one.
+        x = tl.load(x_ptr + d).to(tl.float32)
+        partner = tl.load(x_ptr + (d + HALF) % HEAD_DIM).to(tl.float32)
+        rotated = tl.where(d < HALF, -partner, partner)
+        first = (x * cos).to(dtype).to(tl.float32)
+        second = (rotated * sin).to(dtype).to(tl.float32)
+        return (first + second).to(dtype)
+
+    @triton.jit
+    def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, allowed_ptr, out_ptr,
+                                 scratch_ptr, T, q_scale, coeff,
+                                 s_qb, s_qh, s_q3, s_cb, s_sb, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                                 s_ab, s_at, s_ob,
+                                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+        pid = tl.program_id(0)
+        batch = pid // HEADS
+        head = pid % HEADS
+        dtype = out_ptr.dtype.element_ty
+        d = tl.arange(0, HEAD_DIM)
+        base = qkv_ptr + batch * s_qb + head * s_qh
+        cos = tl.load(cos_ptr + batch * s_cb + d).to(tl.float32)
+        sin = tl.load(sin_ptr + batch * s_sb + d).to(tl.float32)
+        q = _rotate(base, cos, sin, d, HEAD_DIM // 2, HEAD_DIM, dtype)
+        k = _rotate(base + s_q3, cos, sin, d, HEAD_DIM // 2, HEAD_DIM, dtype)
+        v = tl.load(base + 2 * s_q3 + d)
+        slot = tl.load(slot_ptr)
+        k_base = k_ptr + batch * s_kb + head * s_kh
+        v_base = v_ptr + batch * s_vb + head * s_vh
+        tl.store(k_base + slot * s_kt + d, k)
+        tl.store(v_base + slot * s_vt + d, v)
+        tl.debug_barrier()  # the cache reads below include the slot just written
+        q = (q.to(tl.float32) * q_scale).to(dtype).to(tl.float32)
+
+        scores_base = scratch_ptr + pid * T
+        best = tl.full((), -float("inf"), tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = t < T
+            keys = tl.load(k_base + t[:, None] * s_kt + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            score = tl.sum(keys * q[None, :], axis=1).to(dtype).to(tl.float32)  # a half-precision matmul output
+            visible = tl.load(allowed_ptr + batch * s_ab + t * s_at, mask=ok, other=0).to(tl.int1)
+            score = tl.where(visible, score, -10000.0) * coeff
+            score = tl.where(ok, score, -float("inf"))
+            tl.store(scores_base + t, score, mask=ok)
+            best = tl.maximum(best, tl.max(score, axis=0))
+        tl.debug_barrier()
+        total = tl.zeros((), tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = t < T
+            score = tl.load(scores_base + t, mask=ok, other=-float("inf"))
+            total += tl.sum(tl.exp(score - best), axis=0)
+        acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = t < T
+            score = tl.load(scores_base + t, mask=ok, other=-float("inf"))
+            probs = (tl.exp(score - best) / total).to(dtype).to(tl.float32)
+            vals = tl.load(v_base + t[:, None] * s_vt + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            acc += tl.sum(probs[:, None] * vals, axis=0)
+        tl.store(out_ptr + batch * s_ob + head * HEAD_DIM + d, acc.to(dtype))

@@ -1,0 +1,113 @@
+"""The fused decode-attention kernel against glmkit's eager attention, on the CPU through Triton's interpreter."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glmkit.config import GLMConfig
+
+CONFIG = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=96, vocab_size=300,
+                   max_sequence_length=128)
+
+
+def _attention_case(dtype: torch.dtype, generator: torch.Generator) -> dict:
+    from glmkit import attention_kernels
+    from glmkit.model import Attention, KVCache, rotary_tables
+
+    b, length, slot = 2, 100, 57  # 100 positions: a partial last block of BLOCK_T
+    attention = Attention(CONFIG, layer_id=1).to(dtype)
+    with torch.no_grad():
+        for param in attention.parameters():
+            param.normal_(0.0, 0.3, generator=generator)
+    shape = (1, b, CONFIG.num_attention_heads, length, CONFIG.head_dim)
+    keys, values = torch.randn(shape, generator=generator).to(dtype), torch.randn(shape, generator=generator).to(dtype)
+    x = torch.randn(b, 1, CONFIG.hidden_size, generator=generator).to(dtype)
+    cos, sin = rotary_tables(torch.tensor([[slot], [40]]), CONFIG.head_dim, CONFIG.rotary_base, dtype)
+    positions = torch.arange(length)
+    pads = torch.tensor([0, 9])  # the second row is left-padded by 9
+    allowed = ((positions >= pads[:, None]) & (positions <= slot))[:, None, None]
+    results = {}
+    for name, usable in (("kernel", lambda tensor: True), ("eager", lambda tensor: False)):
+        cache = KVCache(keys.clone()[:, :, :, :, :].expand(2, *shape[1:]).clone(), values.expand(2, *shape[1:]).clone())
+        attention_kernels.kernel_usable, saved = usable, attention_kernels.kernel_usable
+        try:
+            with torch.no_grad():
+                out = attention(x, cos, sin, allowed, cache, torch.tensor([slot]))
+        finally:
+            attention_kernels.kernel_usable = saved
+        results[name] = (out, cache)
+    (out_k, cache_k), (out_e, cache_e) = results["kernel"], results["eager"]
+    return {"dtype": str(dtype), "output_difference": (out_k.double() - out_e.double()).abs().max().item(),
+            "output_scale": out_e.double().abs().max().item(),
+            "keys_equal": torch.equal(cache_k.keys, cache_e.keys),
+            "values_equal": torch.equal(cache_k.values, cache_e.values)}
+
+
+def _generation_case() -> dict:
+    from glmkit import attention_kernels
+    from glmkit.decoding import StepGraphs
+    from glmkit.generation import Context, generate_tokens
+    from glmkit.random_model import build_random_model
+    from glmkit.sampling import GenerationSettings
+
+    model = build_random_model(CONFIG, torch.float32, "cpu", seed=5)
+    contexts = [Context(tuple(range(20, 31))), Context(tuple(range(100, 105)))]
+    tokens = {}
+    for name, usable in (("kernel", lambda tensor: True), ("eager", lambda tensor: False)):
+        attention_kernels.kernel_usable, saved = usable, attention_kernels.kernel_usable
+        try:
+            outputs = generate_tokens(model, contexts, GenerationSettings(max_new_tokens=8), end_tokens=(),
+                                      steps=StepGraphs(model, use_graphs=False))
+        finally:
+            attention_kernels.kernel_usable = saved
+        tokens[name] = [o.tokens for o in outputs]
+    return {"generation": tokens}
+
+
+def _run_cases() -> list[dict]:
+    generator = torch.Generator().manual_seed(11)
+    return [_attention_case(dtype, generator) for dtype in (torch.float32, torch.float16)] + [_generation_case()]
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_matches_eager_attention_and_writes_the_same_cache(interpreted):
+    for case in interpreted[:2]:
+        assert case["keys_equal"] and case["values_equal"], case
+        # fp32: summation order only; fp16: about one rounding of outputs a few units in size.
+        tolerance = 1e-5 if case["dtype"] == "torch.float32" else 4e-3 * max(1.0, case["output_scale"])
+        assert case["output_difference"] <= tolerance, case
+
+
+def test_greedy_decoding_is_the_same_with_the_kernel(interpreted):
+    tokens = interpreted[2]["generation"]
+    assert tokens["kernel"] == tokens["eager"]
+    assert all(len(row) == 8 for row in tokens["kernel"])
+
+
+def test_bad_shapes_are_clear_errors():
+    from glmkit.attention_kernels import decode_attention
+
+    qkv = torch.zeros(1, 2, 4, 3, 16)
+    cache = torch.zeros(1, 4, 8, 16)
+    with pytest.raises(ValueError, match=r"qkv of shape \(b, 1, heads, 3, head_dim\)"):
+        decode_attention(qkv, torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), cache, cache,
+                         torch.zeros(1, dtype=torch.long), torch.ones(1, 1, 1, 8, dtype=torch.bool), 1.0)
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run_cases()))
