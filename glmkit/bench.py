@@ -95,6 +95,9 @@ BATCH_KEYS = {
     "kv_cache_bytes": "bytes of this batch's KV cache (fixed shape, cache length rounded up)",
     "cache_length": "positions in that cache",
     "peak_gpu_bytes": "peak allocated device memory while measuring this batch (null on CPU)",
+    "collective_ms": "tp > 1: the step's collectives alone (2 all-reduces a layer, the embedding's, the logits "
+                     "all-gather), replayed as a CUDA graph; null at tp 1",
+    "collective_share": "collective_ms / step_ms: the all-reduce share of a decode step (null at tp 1)",
     "greedy_tokens": "the tokens greedy decoding gave the batch's first prompt (compare runs across TP sizes: "
                      "the random weights do not depend on it)",
 }
@@ -235,6 +238,40 @@ def measure_batch(model: GLM, steps: StepGraphs, batch: int, options: BenchOptio
             "cache_length": cache.max_length, "peak_gpu_bytes": peak_bytes(device), "greedy_tokens": tokens}
 
 
+def collective_step_ms(config: GLMConfig, batch: int, world_size: int, group, dtype: torch.dtype, clock: Clock,
+                       repeats: int) -> float:
+    """ms of the collectives of one tensor-parallel decode step alone, replayed like the step (CUDA graph).
+
+    A step all-reduces the (batch, 1, hidden) activations after the embedding and after both row-parallel
+    linears of every layer, and all-gathers the vocab-parallel logits. Decoding runs them in series with the
+    compute, so this time over the step's is their share of it. Every rank must call this together.
+    """
+    import torch.distributed as dist
+
+    device = clock.device
+    activations = torch.zeros(batch, 1, config.hidden_size, dtype=dtype, device=device)
+    logits = torch.zeros(batch, 1, config.vocab_size // world_size, dtype=dtype, device=device)
+    pieces = [torch.empty_like(logits) for _ in range(world_size)]
+
+    def collectives():
+        for _ in range(2 * config.num_layers + 1):
+            dist.all_reduce(activations, group=group)
+        dist.all_gather(pieces, logits, group=group)
+
+    if not clock.cuda:
+        return statistics.median(clock.time_ms(collectives, repeats))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        collectives()  # warm-up outside the capture (NCCL sets up its channels)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        collectives()
+    times = clock.time_ms(lambda: [graph.replay() for _ in range(10)], repeats)
+    return statistics.median(times) / 10
+
+
 def prefill_workspace_bytes(config: GLMConfig, world_size: int, length: int, element: int) -> int:
     """Estimated temporaries of a one-shot batch-1 prefill of `length` tokens on one rank, in bytes."""
     # glmkit's attention holds (local heads, L, L) scores in the model dtype, a masked copy, and fp32
@@ -337,7 +374,13 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         del logits
     for batch in options.batches:
         _log(rank, f"batch {batch}: generation path, graph replay, eager step, prefill")
-        records.append(measure_batch(model, steps, batch, options, clock))
+        record = measure_batch(model, steps, batch, options, clock)
+        record["collective_ms"] = record["collective_share"] = None
+        if world_size > 1:
+            record["collective_ms"] = collective_step_ms(options.config, batch, world_size, group,
+                                                         DTYPES[options.dtype], clock, options.repeats)
+            record["collective_share"] = record["collective_ms"] / record["step_ms"]
+        records.append(record)
     base = next((r for r in records if r["batch"] == 1), None)
     for record in records:
         record["throughput_vs_batch1"] = record["tokens_per_s"] / base["tokens_per_s"] if base else None

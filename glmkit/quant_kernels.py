@@ -200,14 +200,36 @@ if triton is not None:
         return high, low
 
     @triton.jit
+    def _dequantize_kernel(w_ptr, scale_ptr, out_ptr, N, K, stride_wn, stride_on, BITS: tl.constexpr,
+                           FAST_UNPACK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        n_ok, k_ok = rn < N, rk < K
+        if BITS == 8:
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        else:
+            rb = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
+                             mask=n_ok[:, None] & (rb < K // 2)[None, :], other=0)
+            high, low = _unpack_int4(packed, FAST_UNPACK)
+            w = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K))
+        scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
+        dtype = out_ptr.dtype.element_ty
+        # dequantize_weight multiplies in the target dtype: q and the scale converted, product rounded once.
+        value = w.to(dtype).to(tl.float32) * scale.to(dtype).to(tl.float32)[:, None]
+        tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], value.to(dtype), mask=n_ok[:, None] & k_ok[None, :])
+
+    @triton.jit
     def _int_linear_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                            BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, FAST_UNPACK: tl.constexpr, INT4_JOIN: tl.constexpr):
-        # Grid: (output tiles, row tiles, K splits). K counts logical input features (INT4: 2 per byte).
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
+        # Grid: (row tiles, output tiles, K splits). Row tiles vary fastest, so the programs sharing a weight
+        # tile run together and read it from L2 after the first (prefill: many row tiles). K counts logical
+        # input features (INT4: 2 per byte).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -267,6 +289,26 @@ if triton is not None:
             tl.atomic_add(out_ptrs, acc, mask=out_mask)  # fp32 buffer; bias and cast happen after
 
 
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight (out, in) in `dtype` of an int8 / INT4-packed weight: q * scale, rounded once.
+
+    One kernel instead of the unpacking ops of glmkit.quantization.dequantize_weight (same values), for
+    prefill on a GPU, which multiplies many rows by the dequantized weight with cuBLAS.
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed; use glmkit.quantization.dequantize_weight")
+    n, k = weight.shape[0], weight.shape[1] * 8 // bits
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    fast_unpack = 0
+    if bits == 4 and weight.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        fast_unpack = {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0)
+    block_n, block_k = 16, 256
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequantize_kernel[grid](weight, scale, out, n, k, weight.stride(0), out.stride(0), BITS=bits,
+                             FAST_UNPACK=fast_unpack, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
 def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                bits: int, config: KernelConfig | None = None) -> torch.Tensor:
     """x (..., in) @ dequant(weight)^T + bias -> (..., out) in x's dtype; weight (out, in*bits/8) int8."""
@@ -295,7 +337,7 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
         out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)
     _int_linear_kernel[grid](
         x2, weight, scale, bias if bias is not None else scale, out, m, n, k,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),

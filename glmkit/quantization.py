@@ -43,9 +43,10 @@ _MODULE_RE = re.compile(r"transformer\.layers\.\d+\.(?:attention\.(?:query_key_v
 # blocks are larger (fewer host-to-device copies); a few of them are alive at once.
 CHUNK_ELEMENTS = 1 << 22
 CUDA_CHUNK_ELEMENTS = 1 << 25
-# On CUDA, inputs with at most this many rows use the Triton kernel; more rows (prefill) dequantize the
-# weight block by block and call F.linear (cuBLAS). Tune with scripts/bench_quant.py.
-KERNEL_MAX_ROWS = 64
+# On CUDA, inputs with at most this many rows use the Triton kernel (its row tiles share each weight tile
+# through L2); more rows (long prefills), where tensor-core throughput matters more than weight bytes,
+# dequantize the weight block by block with a Triton kernel and call F.linear (cuBLAS).
+KERNEL_MAX_ROWS = 256
 
 
 def check_bits(bits) -> int:
@@ -164,20 +165,23 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int,
 def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) @ dequant(weight)^T (+ bias): the Triton kernel on CUDA for small batches, else F.linear."""
+    dequantize = dequantize_weight
     if x.is_cuda:
         from . import quant_kernels  # imports Triton; CPU-only use never needs it
 
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if quant_kernels.available() and 0 < rows <= KERNEL_MAX_ROWS:
             return quant_kernels.int_linear(x, weight, scale, bias, bits)
+        if quant_kernels.available():
+            dequantize = quant_kernels.dequantize  # one kernel per block instead of the unpacking ops
     in_features = weight.shape[1] * 8 // bits
     blocks = list(_row_chunks(weight.shape[0], in_features, x.device))
     if len(blocks) == 1:
-        return F.linear(x, dequantize_weight(weight, scale, bits, x.dtype), bias)
+        return F.linear(x, dequantize(weight, scale, bits, x.dtype), bias)
     # Dequantizing a whole 130B weight would need GBs of temporaries next to a full GPU: go by row blocks.
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)  # (..., out)
     for lo, hi in blocks:
-        w = dequantize_weight(weight[lo:hi], scale[lo:hi], bits, x.dtype)  # (hi - lo, in)
+        w = dequantize(weight[lo:hi], scale[lo:hi], bits, x.dtype)  # (hi - lo, in)
         out[..., lo:hi] = F.linear(x, w, None if bias is None else bias[lo:hi])
     return out
 

@@ -252,7 +252,7 @@ def load(args) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     torch.cuda.reset_peak_memory_stats()
     config = KitConfig(name="bench", model=model, checkpoint=root, dtype="fp16", device="cuda",
-                       quantization=f"int{args.bits}")
+                       quantization=None if args.bits == 16 else f"int{args.bits}")
     sampler.start()
     started = time.perf_counter()
     model_rank0 = load_model(config, 0, args.tp)  # at --tp > 1, rank 0 only (one GPU)
@@ -290,7 +290,7 @@ def main() -> None:
     ld.add_argument("dir")
     ld.add_argument("--layers", type=int, default=2)
     ld.add_argument("--shards", type=int, default=2)
-    ld.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    ld.add_argument("--bits", type=int, choices=[4, 8, 16], default=4, help="16: fp16, no quantization")
     ld.add_argument("--tp", type=int, default=1)
     args = parser.parse_args()
     if not torch.cuda.is_available() or not quant_kernels.available():

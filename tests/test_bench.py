@@ -170,7 +170,11 @@ def test_tensor_parallel_two_processes_on_cpu():
     assert r["weight_bytes_per_gpu"] < 4 * TINY.num_parameters()
     assert r["ms_per_token"] > 0 and r["logits_finite"]
     assert r["kv_cache_bytes_per_token"] == 2 * TINY.num_layers * TINY.hidden_size // 2 * 4
+    collective = r["batches"][0]
+    assert 0 < collective["collective_ms"] and collective["collective_share"] == pytest.approx(
+        collective["collective_ms"] / collective["step_ms"])
     single = bench.run_bench(dataclasses.replace(options, tp=1))
+    assert single["batches"][0]["collective_ms"] is None
     assert r["batches"][0]["greedy_tokens"] == single["batches"][0]["greedy_tokens"]  # same weights, same tokens
     ours, theirs = (dict(run["prefill_top_logits"]) for run in (r, single))
     assert list(ours) == list(theirs) and len(ours) == 16  # the same 16 tokens in the same order

@@ -490,6 +490,12 @@ def _run_kernel_cases() -> list[dict]:
                                 "error": (got.reshape(rows, 48).double() - expected).abs().max().item(),
                                 # fp32: summation order only; fp16: output rounding (|y| < 64: 2**-6 there)
                                 "tolerance": 1e-4 if dtype == torch.float32 else 2.0 ** -5})
+    for bits in (8, 4):  # the prefill dequantization kernel gives dequantize_weight's values exactly
+        packed, row_scale = quantize_weight(torch.randn(37, 300, generator=generator), bits)
+        for dtype in (torch.float32, torch.float16):
+            results.append({"dequantize_bits": bits, "dtype": str(dtype), "equal": torch.equal(
+                quant_kernels.dequantize(packed, row_scale, bits, dtype),
+                dequantize_weight(packed, row_scale, bits, dtype))})
     try:
         quant_kernels.int_linear(torch.randn(1, 32), q, scale, None, 4)
     except ValueError as error:
@@ -504,6 +510,8 @@ def test_triton_kernel_matches_dequantize_path_under_interpreter():
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
+    dequantized = [r for r in results if "dequantize_bits" in r]
+    assert len(dequantized) == 4 and all(r["equal"] for r in dequantized), dequantized
     cases = [r for r in results if "error" in r]
     assert len(cases) == 2 * (len(KERNEL_CASES) + 1) * 2
     bad = [r for r in cases if not (r["dtype_ok"] and r["shape"][-1] == 48 and r["error"] <= r["tolerance"])]
