@@ -34,7 +34,7 @@ from .generation import generate_tokens, prefill_inputs
 from .model import GLM
 from .random_model import build_random_model, random_contexts, weight_bytes
 from .sampling import GenerationSettings
-from .timing import Clock, free_cached, measure_bandwidth, memory_info, peak_bytes, reset_peak
+from .timing import Clock, collective_step_ms, free_cached, measure_bandwidth, memory_info, peak_bytes, reset_peak
 
 # Every top-level key of the result, with its meaning (tests check that all are present).
 RESULT_KEYS = {
@@ -79,6 +79,8 @@ RESULT_KEYS = {
                           "random weights do not depend on tp, so runs at different TP sizes must agree",
     "sat": "with against='sat': SAT GLM130B's numbers on the same weights (SAT_KEYS); else null",
     "speedup_vs_sat": "SAT ms_per_token ÷ glmkit ms_per_token at batch 1; null without SAT",
+    "all_reduce": "tp > 1: 'symmetric' (one-shot peer reads through torch symmetric memory for decode-sized "
+                  "activations) or 'nccl'; null at tp 1",
     "kernel_configs": "the tuned INT8/INT4 kernel config file given, or null (the shipped one)",
     "seconds": "wall time of the whole run",
 }
@@ -130,6 +132,7 @@ class BenchOptions:
     seed: int = 0
     verify_context: bool = False
     kernel_configs: str | None = None  # tuned quantized-kernel launch parameters (None: the shipped file)
+    all_reduce: str = "auto"  # "auto": symmetric memory for small GPU all-reduces where available; "nccl"
 
     def __post_init__(self):
         check_precision(self.dtype, self.quantization)
@@ -149,6 +152,8 @@ class BenchOptions:
         if self.against == "sat" and (self.dtype != "fp16" or self.quantization is not None):
             raise ValueError("--against sat needs --dtype fp16 without quantization: SAT's GLM130B runs fp16 "
                              "only (it casts attention probabilities with .half())")
+        if self.all_reduce not in ("auto", "nccl"):
+            raise ValueError(f"all_reduce must be 'auto' or 'nccl', got {self.all_reduce!r}")
         if self.kernel_configs is not None and not Path(self.kernel_configs).is_file():
             raise ValueError(f"kernel_configs {self.kernel_configs!r} is not a file; write one with "
                              f"scripts/bench_quant.py kernels --write-configs PATH")
@@ -238,40 +243,6 @@ def measure_batch(model: GLM, steps: StepGraphs, batch: int, options: BenchOptio
             "cache_length": cache.max_length, "peak_gpu_bytes": peak_bytes(device), "greedy_tokens": tokens}
 
 
-def collective_step_ms(config: GLMConfig, batch: int, world_size: int, group, dtype: torch.dtype, clock: Clock,
-                       repeats: int) -> float:
-    """ms of the collectives of one tensor-parallel decode step alone, replayed like the step (CUDA graph).
-
-    A step all-reduces the (batch, 1, hidden) activations after the embedding and after both row-parallel
-    linears of every layer, and all-gathers the vocab-parallel logits. Decoding runs them in series with the
-    compute, so this time over the step's is their share of it. Every rank must call this together.
-    """
-    import torch.distributed as dist
-
-    device = clock.device
-    activations = torch.zeros(batch, 1, config.hidden_size, dtype=dtype, device=device)
-    logits = torch.zeros(batch, 1, config.vocab_size // world_size, dtype=dtype, device=device)
-    pieces = [torch.empty_like(logits) for _ in range(world_size)]
-
-    def collectives():
-        for _ in range(2 * config.num_layers + 1):
-            dist.all_reduce(activations, group=group)
-        dist.all_gather(pieces, logits, group=group)
-
-    if not clock.cuda:
-        return statistics.median(clock.time_ms(collectives, repeats))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        collectives()  # warm-up outside the capture (NCCL sets up its channels)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        collectives()
-    times = clock.time_ms(lambda: [graph.replay() for _ in range(10)], repeats)
-    return statistics.median(times) / 10
-
-
 def prefill_workspace_bytes(config: GLMConfig, world_size: int, length: int, element: int) -> int:
     """Estimated temporaries of a one-shot batch-1 prefill of `length` tokens on one rank, in bytes."""
     # glmkit's attention holds (local heads, L, L) scores in the model dtype, a masked copy, and fp32
@@ -355,7 +326,8 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
     reset_peak(device)
     mark = time.perf_counter()
     model = build_random_model(options.config, DTYPES[options.dtype], device, quantization=options.quantization,
-                               rank=rank, world_size=world_size, group=group, seed=options.seed)
+                               rank=rank, world_size=world_size, group=group, seed=options.seed,
+                               symmetric_all_reduce=options.all_reduce == "auto")
     clock.sync()
     build_seconds = time.perf_counter() - mark
     build_peak = peak_bytes(device)
@@ -377,7 +349,7 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         record = measure_batch(model, steps, batch, options, clock)
         record["collective_ms"] = record["collective_share"] = None
         if world_size > 1:
-            record["collective_ms"] = collective_step_ms(options.config, batch, world_size, group,
+            record["collective_ms"] = collective_step_ms(options.config, batch, world_size, model.all_reduce,
                                                          DTYPES[options.dtype], clock, options.repeats)
             record["collective_share"] = record["collective_ms"] / record["step_ms"]
         records.append(record)
@@ -446,6 +418,8 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         "speedup_vs_sat": (sat_result["ms_per_token"] / base["ms_per_token"]
                            if sat_result and base and sat_result["ms_per_token"] else None),
         "kernel_configs": options.kernel_configs,
+        "all_reduce": ("symmetric" if getattr(model, "all_reduce", None) and model.all_reduce.symmetric
+                       else "nccl") if world_size > 1 else None,
         "seconds": time.perf_counter() - started,
     }
     return result

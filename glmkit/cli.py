@@ -114,7 +114,7 @@ def _bench(args) -> int:
         tp=args.tp, batches=batches, prompt_tokens=args.prompt_tokens, new_tokens=args.tokens,
         repeats=args.repeats, copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
         against=args.against, seed=args.seed, verify_context=args.verify_context,
-        kernel_configs=args.kernel_configs)
+        kernel_configs=args.kernel_configs, all_reduce=args.all_reduce)
     with contextlib.redirect_stdout(sys.stderr):  # whatever SAT or torch print, stdout carries only the JSON
         result = run_bench(options)
     text = json.dumps(result, indent=1)
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prefill and decode the longest batch-1 context estimated to fit (tp 1)")
     bench.add_argument("--kernel-configs", help="tuned INT8/INT4 kernel launch parameters (JSON from "
                        "scripts/bench_quant.py --write-configs); default: configs/int_kernels.json")
+    bench.add_argument("--all-reduce", choices=["auto", "nccl"], default="auto",
+                       help="tp > 1: 'auto' sums decode activations through torch symmetric memory where the "
+                       "GPUs allow it, 'nccl' always uses NCCL")
     bench.add_argument("--out", help="also write the JSON to this file")
     bench.set_defaults(run=_bench)
 

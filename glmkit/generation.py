@@ -173,6 +173,8 @@ def _static_step(step_runner: DecodeStep, contexts, outputs, still_active, pads,
     keys = torch.arange(step_runner.cache.max_length)[None, :]
     allowed = ((keys >= pads[:, None]) & (keys <= start))[:, None, None]
     logits = step_runner(ids, positions, start, allowed)  # (all rows, vocab)
+    if len(still_active) == len(contexts):
+        return logits  # every row still decoding (the common case): no gather
     rows = torch.tensor([index for _, index in still_active], device=logits.device)
     return logits.index_select(0, rows)
 
@@ -221,7 +223,7 @@ def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_
     for step in range(max_new):
         history = [list(context.tokens) + b.tokens for b in beams]
         scores = processed_logits(logits, history, [b.tokens for b in beams], step, settings, end_tokens)
-        log_probs = scores.log_softmax(dim=-1)  # (beams, vocab)
+        log_probs = scores.float().log_softmax(dim=-1)  # (beams, vocab)
         raw = logits.float().log_softmax(dim=-1) if keep_logprobs else None
         totals = torch.tensor([b.score for b in beams], device=device)[:, None] + log_probs
         values, flat = torch.topk(totals.flatten(), 2 * num_beams)

@@ -58,7 +58,7 @@ def random_fill(tensor: torch.Tensor, name: str, generator: torch.Generator) -> 
 @torch.no_grad()
 def build_random_model(config: GLMConfig, dtype: torch.dtype, device: str | torch.device, *,
                        quantization: str | None = None, rank: int = 0, world_size: int = 1, group=None,
-                       seed: int = 0) -> GLM:
+                       seed: int = 0, symmetric_all_reduce: bool = True) -> GLM:
     """A GLM (or rank `rank` of a `world_size`-way tensor-parallel one) with random weights made on `device`.
 
     Each tensor is drawn whole on `device` (the largest, the embedding, is 3.7 GB at GLM-130B's size) and
@@ -91,7 +91,7 @@ def build_random_model(config: GLMConfig, dtype: torch.dtype, device: str | torc
             _set_param(model, name + "_scale", _own_slice(name + "_scale", scale, rank, world_size))
             continue
         _set_param(model, name, _own_slice(name, full, rank, world_size))
-    return parallelize(model.eval(), rank, world_size, group)
+    return parallelize(model.eval(), rank, world_size, group, symmetric_all_reduce=symmetric_all_reduce)
 
 
 def weight_bytes(model: nn.Module) -> int:

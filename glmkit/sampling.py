@@ -148,6 +148,10 @@ def repeated_ngram_bans(tokens: list[int], size: int) -> list[int]:
 def processed_logits(logits: torch.Tensor, history: list[list[int]], generated: list[list[int]], step: int,
                      settings: GenerationSettings, end_tokens: tuple[int, ...]) -> torch.Tensor:
     """Raw logits (b, vocab) with penalties, no-repeat-ngram bans and the min_new_tokens end-token ban applied."""
+    if (settings.greedy and step >= settings.min_new_tokens and settings.no_repeat_ngram_size <= 0
+            and settings.repetition_penalty == 1.0 and not settings.frequency_penalty
+            and not settings.presence_penalty):
+        return logits  # plain greedy: argmax of the raw logits, no fp32 copy (decode is latency-bound)
     scores = apply_penalties(logits.float(), history, generated, settings)
     banned = [repeated_ngram_bans(h, settings.no_repeat_ngram_size) for h in history]
     if step < settings.min_new_tokens:

@@ -92,3 +92,36 @@ def free_cached(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def collective_step_ms(config, batch: int, world_size: int, all_reduce, dtype: torch.dtype,
+                       clock: Clock, repeats: int) -> float:
+    """ms of the collectives of one tensor-parallel decode step alone, replayed like the step (CUDA graph).
+
+    A step all-reduces the (batch, 1, hidden) activations after the embedding and after both row-parallel
+    linears of every layer, and all-gathers the vocab-parallel logits. Decoding runs them in series with the
+    compute, so this time over the step's is their share of it. `all_reduce` is the model's own
+    (tensor_parallel.AllReduce). Every rank must call this together.
+    """
+    import torch.distributed as dist
+
+    device = clock.device
+    activations = torch.zeros(batch, 1, config.hidden_size, dtype=dtype, device=device)
+    logits = torch.zeros(batch, 1, config.vocab_size // world_size, dtype=dtype, device=device)
+    pieces = [torch.empty_like(logits) for _ in range(world_size)]
+
+    def collectives():
+        for _ in range(2 * config.num_layers + 1):
+            all_reduce(activations)
+        dist.all_gather(pieces, logits, group=all_reduce.group)
+
+    if not clock.cuda:
+        return statistics.median(clock.time_ms(collectives, repeats))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        collectives()  # warm-up outside the capture (NCCL sets up its channels)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        collectives()
+    times = clock.time_ms(lambda: [graph.replay() for _ in range(10)], repeats)
+    return statistics.median(times) / 10

@@ -170,6 +170,7 @@ def test_tensor_parallel_two_processes_on_cpu():
     assert r["weight_bytes_per_gpu"] < 4 * TINY.num_parameters()
     assert r["ms_per_token"] > 0 and r["logits_finite"]
     assert r["kv_cache_bytes_per_token"] == 2 * TINY.num_layers * TINY.hidden_size // 2 * 4
+    assert r["all_reduce"] == "nccl"  # gloo on CPU: symmetric memory is for GPUs
     collective = r["batches"][0]
     assert 0 < collective["collective_ms"] and collective["collective_share"] == pytest.approx(
         collective["collective_ms"] / collective["step_ms"])
