@@ -238,8 +238,14 @@ class AllReduce:
             buffer = symm_mem.empty(max_bytes // torch.empty(0, dtype=dtype).element_size(), dtype=dtype,
                                     device=device)
             symm_mem.rendezvous(buffer, group.group_name)
+            # A first sum, which also tells whether this torch has the op for `dtype` (torch 2.11 has it for
+            # fp32 and bf16, not fp16). A missing dtype fails in dispatch, on every rank alike, before any
+            # rank waits for another.
+            probe = buffer[:8]
+            probe.fill_(1)
+            torch.ops.symm_mem.one_shot_all_reduce_out(probe, "sum", group.group_name, torch.empty_like(probe))
             return buffer
-        except Exception as error:  # no peer access, an older torch: NCCL serves every size
+        except Exception as error:  # no peer access, an older torch, a dtype without the op: NCCL serves
             print(f"glmkit: symmetric-memory all-reduce unavailable ({error}); using NCCL", flush=True)
             return None
 
