@@ -12,7 +12,8 @@ It follows the eager ops' roundings, so GPU and CPU decode agree up to summation
   multiplied by coeff in fp32, softmax in fp32, probabilities rounded to the model dtype, and the
   weighted sum of values accumulated in fp32 and rounded once.
 Scores go through a small fp32 scratch buffer (sequence x head x cache length), so any cache length works
-with a fixed number of registers.
+with a fixed number of registers: one pass over the keys (scores, running maximum and sum), one over the
+values.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ except ImportError:  # CPU-only installs use the eager attention in glmkit.model
     triton = None
     tl = None
 
-BLOCK_T = 64  # cache positions per loop step
+BLOCK_T = 128  # cache positions per loop step
 
 
 def kernel_usable(tensor: torch.Tensor) -> bool:
@@ -57,8 +58,6 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
     if allowed.shape != (b, 1, 1, length) or slot.shape != (1,):
         raise ValueError(f"allowed must be ({b}, 1, 1, {length}) and slot (1,), got {tuple(allowed.shape)} "
                          f"and {tuple(slot.shape)}")
-    if hd & (hd - 1):
-        raise ValueError(f"decode_attention needs a power-of-two head dim, got {hd}")
     cos, sin = cos.expand(b, 1, 1, hd), sin.expand(b, 1, 1, hd)
     out = torch.empty(b, 1, heads * hd, dtype=qkv.dtype, device=qkv.device)
     scratch = torch.empty(b * heads, length, dtype=torch.float32, device=qkv.device)
@@ -68,7 +67,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ke
         qkv.stride(0), qkv.stride(2), qkv.stride(3), cos.stride(0), sin.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         allowed.stride(0), allowed.stride(3), out.stride(0),
-        HEADS=heads, HEAD_DIM=hd, BLOCK_T=BLOCK_T, num_warps=4)
+        HEADS=heads, HEAD_DIM=hd, BLOCK_D=triton.next_power_of_2(hd), BLOCK_T=BLOCK_T, num_warps=8)
     return out
 
 
@@ -80,10 +79,10 @@ def _reciprocal(divisor: float) -> float:
 if triton is not None:
 
     @triton.jit
-    def _rotate(x_ptr, cos, sin, d, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, dtype: tl.constexpr):
+    def _rotate(x_ptr, cos, sin, d, d_ok, HALF: tl.constexpr, HEAD_DIM: tl.constexpr, dtype: tl.constexpr):
         # x*cos + rotate_half(x)*sin, rotate_half((x1, x2)) = (-x2, x1); each op rounded like the eager one.
-        x = tl.load(x_ptr + d).to(tl.float32)
-        partner = tl.load(x_ptr + (d + HALF) % HEAD_DIM).to(tl.float32)
+        x = tl.load(x_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        partner = tl.load(x_ptr + (d + HALF) % HEAD_DIM, mask=d_ok, other=0.0).to(tl.float32)
         rotated = tl.where(d < HALF, -partner, partner)
         first = (x * cos).to(dtype).to(tl.float32)
         second = (rotated * sin).to(dtype).to(tl.float32)
@@ -94,51 +93,55 @@ if triton is not None:
                                  scratch_ptr, T, q_scale, coeff,
                                  s_qb, s_qh, s_q3, s_cb, s_sb, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                                  s_ab, s_at, s_ob,
-                                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+                                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_T: tl.constexpr):
         pid = tl.program_id(0)
         batch = pid // HEADS
         head = pid % HEADS
         dtype = out_ptr.dtype.element_ty
-        d = tl.arange(0, HEAD_DIM)
+        d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two
+        d_ok = d < HEAD_DIM
         base = qkv_ptr + batch * s_qb + head * s_qh
-        cos = tl.load(cos_ptr + batch * s_cb + d).to(tl.float32)
-        sin = tl.load(sin_ptr + batch * s_sb + d).to(tl.float32)
-        q = _rotate(base, cos, sin, d, HEAD_DIM // 2, HEAD_DIM, dtype)
-        k = _rotate(base + s_q3, cos, sin, d, HEAD_DIM // 2, HEAD_DIM, dtype)
-        v = tl.load(base + 2 * s_q3 + d)
+        cos = tl.load(cos_ptr + batch * s_cb + d, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + batch * s_sb + d, mask=d_ok, other=0.0).to(tl.float32)
+        q = _rotate(base, cos, sin, d, d_ok, HEAD_DIM // 2, HEAD_DIM, dtype)
+        k = _rotate(base + s_q3, cos, sin, d, d_ok, HEAD_DIM // 2, HEAD_DIM, dtype)
+        v = tl.load(base + 2 * s_q3 + d, mask=d_ok, other=0.0)
         slot = tl.load(slot_ptr)
         k_base = k_ptr + batch * s_kb + head * s_kh
         v_base = v_ptr + batch * s_vb + head * s_vh
-        tl.store(k_base + slot * s_kt + d, k)
-        tl.store(v_base + slot * s_vt + d, v)
+        tl.store(k_base + slot * s_kt + d, k, mask=d_ok)
+        tl.store(v_base + slot * s_vt + d, v, mask=d_ok)
         tl.debug_barrier()  # the cache reads below include the slot just written
         q = (q.to(tl.float32) * q_scale).to(dtype).to(tl.float32)
 
+        # Pass 1: scores into the scratch row, with a running maximum and a running sum of exponentials
+        # (rescaled when the maximum grows). Pass 2: probabilities from the final maximum and sum, rounded
+        # as the eager softmax output is, against the values.
         scores_base = scratch_ptr + pid * T
         best = tl.full((), -float("inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok = t < T
-            keys = tl.load(k_base + t[:, None] * s_kt + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            keys = tl.load(k_base + t[:, None] * s_kt + d[None, :], mask=ok[:, None] & d_ok[None, :],
+                           other=0.0).to(tl.float32)
             score = tl.sum(keys * q[None, :], axis=1).to(dtype).to(tl.float32)  # a half-precision matmul output
             visible = tl.load(allowed_ptr + batch * s_ab + t * s_at, mask=ok, other=0).to(tl.int1)
             score = tl.where(visible, score, -10000.0) * coeff
             score = tl.where(ok, score, -float("inf"))
             tl.store(scores_base + t, score, mask=ok)
-            best = tl.maximum(best, tl.max(score, axis=0))
+            new_best = tl.maximum(best, tl.max(score, axis=0))
+            total = total * tl.exp(best - new_best) + tl.sum(tl.exp(score - new_best), axis=0)
+            best = new_best
         tl.debug_barrier()
-        total = tl.zeros((), tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            ok = t < T
-            score = tl.load(scores_base + t, mask=ok, other=-float("inf"))
-            total += tl.sum(tl.exp(score - best), axis=0)
-        acc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok = t < T
             score = tl.load(scores_base + t, mask=ok, other=-float("inf"))
             probs = (tl.exp(score - best) / total).to(dtype).to(tl.float32)
-            vals = tl.load(v_base + t[:, None] * s_vt + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            vals = tl.load(v_base + t[:, None] * s_vt + d[None, :], mask=ok[:, None] & d_ok[None, :],
+                           other=0.0).to(tl.float32)
             acc += tl.sum(probs[:, None] * vals, axis=0)
-        tl.store(out_ptr + batch * s_ob + head * HEAD_DIM + d, acc.to(dtype))
+        tl.store(out_ptr + batch * s_ob + head * HEAD_DIM + d, acc.to(dtype), mask=d_ok)

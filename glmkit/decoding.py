@@ -24,14 +24,27 @@ class DecodeStep:
         self.model = model
         self.cache = KVCache.allocate(model, batch_size, length)
         device = self.cache.keys.device
-        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.index = torch.zeros(1, dtype=torch.long, device=device)
-        self.allowed = torch.zeros(batch_size, 1, 1, length, dtype=torch.bool, device=device)
+        b = batch_size
+        # One int64 buffer holds a step's inputs, [ids (b) | positions (b) | left pads (b) | cache slot], so
+        # each step costs one host-to-device copy (from pinned memory on a GPU); the attention mask is
+        # computed from pads and slot inside the step. Decoding is latency-bound: host work is GPU idle time.
+        self.inputs = torch.zeros(3 * b + 1, dtype=torch.long, device=device)
+        self.staging = torch.zeros(3 * b + 1, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.ids = self.inputs[:b].view(b, 1)
+        self.positions = self.inputs[b:2 * b].view(b, 1)
+        self.pads = self.inputs[2 * b:3 * b]
+        self.index = self.inputs[3 * b:]
+        self.keys = torch.arange(length, device=device)
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None  # the staging buffer's last copy
         self.graph = None
         self.logits = None
         if use_graphs:
             self._capture()
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """(b, 1, 1, length): the cache slots each row may attend to (its own tokens up to the current slot)."""
+        return ((self.keys >= self.pads[:, None]) & (self.keys <= self.index))[:, None, None]
 
     def _run(self) -> torch.Tensor:
         return self.model(self.ids, self.positions, self.allowed, self.cache, self.index)[:, -1]
@@ -50,13 +63,22 @@ class DecodeStep:
             self.logits = self._run()
 
     @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, index: int,
-                 allowed: torch.Tensor) -> torch.Tensor:
-        """Logits (b, vocab) for tokens `ids` (b, 1) written at cache slot `index`."""
-        self.ids.copy_(ids)
-        self.positions.copy_(positions)
-        self.index.fill_(index)
-        self.allowed.copy_(allowed)
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, index: int, pads: torch.Tensor) -> torch.Tensor:
+        """Logits (b, vocab) for tokens `ids` (b, 1) at `positions` (b, 1), written at cache slot `index`.
+
+        Row r attends to slots pads[r] .. index: its left padding is hidden.
+        """
+        b = self.pads.shape[0]
+        staging = self.staging
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous asynchronous copy has read the staging buffer
+        staging[:b] = ids.view(-1)
+        staging[b:2 * b] = positions.view(-1)
+        staging[2 * b:3 * b] = pads
+        staging[3 * b] = index
+        self.inputs.copy_(staging, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
         if self.graph is None:
             return self._run()
         self.graph.replay()

@@ -170,9 +170,7 @@ def _static_step(step_runner: DecodeStep, contexts, outputs, still_active, pads,
     for _, index in still_active:
         ids[index, 0] = outputs[index].tokens[-1]
     positions = next_positions(contexts, steps_done)[:, None]
-    keys = torch.arange(step_runner.cache.max_length)[None, :]
-    allowed = ((keys >= pads[:, None]) & (keys <= start))[:, None, None]
-    logits = step_runner(ids, positions, start, allowed)  # (all rows, vocab)
+    logits = step_runner(ids, positions, start, pads)  # (all rows, vocab)
     if len(still_active) == len(contexts):
         return logits  # every row still decoding (the common case): no gather
     rows = torch.tensor([index for _, index in still_active], device=logits.device)
