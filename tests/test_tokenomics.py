@@ -59,7 +59,7 @@ def test_calculator_widget_over_the_recorded_benchmarks(tmp_path):
     model = "glm-130b shape, 12 layers (random)"
     tool = TokenomicsCalculator(table, model=model, dollars_per_hour=10.0, api_dollars_per_1k=0.02)
     assert tool.last_error is None, tool.last_error
-    assert set(tool.table["batch"]) >= {1, 8, 32}
+    assert set(tool.table["batch"]) >= {1, 32}
     batch32 = tool.table[(tool.table["batch"] == 32) & (tool.table["precision"] == "fp16")].iloc[0]
     assert math.isclose(batch32["dollars_per_1m"], 10.0 / (batch32["tokens_per_s"] * 3600) * 1e6)
     assert "break_even_batch" in tool.break_even
