@@ -88,8 +88,9 @@ class Attention(nn.Module):
         hd = self.config.head_dim
         # SAT lays the fused projection out per head as [q, k, v], each head_dim wide.
         qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, hd)  # (b, s, nh, 3, hd)
-        if s == 1 and cache is not None and isinstance(start, torch.Tensor) and attention_kernels.kernel_usable(x):
-            # The fixed-shape decode step on a GPU: one fused kernel instead of ~16 launches.
+        if (s == 1 and cache is not None and isinstance(start, torch.Tensor) and not qkv.requires_grad
+                and attention_kernels.kernel_usable(x)):
+            # The fixed-shape decode step on a GPU: one fused kernel instead of ~16 launches (no backward).
             context = attention_kernels.decode_attention(
                 qkv, cos, sin, cache.keys[self.layer_id], cache.values[self.layer_id], start, allowed,
                 float(self.layer_id + 1))

@@ -36,11 +36,14 @@ def add_layernorm(norm: nn.LayerNorm, residual: torch.Tensor | None, branch: tor
 
     The kernel serves both (PyTorch's own LayerNorm is the slow part at decode batch sizes).
 
-    `use_kernel` None picks the Triton kernel for CUDA tensors; True forces it (the tests run it under
-    TRITON_INTERPRET=1 on the CPU), False forces the eager ops.
+    `use_kernel` None picks the Triton kernel for CUDA tensors when no gradient is needed; True forces it
+    (the tests run it under TRITON_INTERPRET=1 on the CPU), False forces the eager ops.
     """
     if use_kernel is None:
-        use_kernel = _kernel_usable(branch)
+        # The kernel has no backward: training (anything that needs gradients) takes the eager ops.
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (residual, branch, norm.weight, norm.bias))
+        use_kernel = _kernel_usable(branch) and not needs_grad
     if not use_kernel:
         return norm(branch) if residual is None else norm(residual * alpha + branch)
     has_residual = residual is not None

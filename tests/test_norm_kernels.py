@@ -72,6 +72,17 @@ def test_cpu_tensors_use_the_eager_ops():
     assert torch.equal(add_layernorm(norm, x, y, 2.0), norm(x * 2.0 + y))  # CPU tensors: the eager ops
 
 
+def test_training_keeps_the_eager_ops_because_the_kernel_has_no_backward(monkeypatch):
+    from glmkit import norm_kernels
+
+    monkeypatch.setattr(norm_kernels, "_kernel_usable", lambda tensor: True)  # as if on a GPU
+    norm = nn.LayerNorm(8)
+    x, y = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8)
+    out = add_layernorm(norm, x, y, 2.0)
+    out.sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+
+
 def test_mismatched_inputs_are_a_clear_error():
     norm = nn.LayerNorm(8)
     with pytest.raises(ValueError, match="same shape and dtype"):
