@@ -12,9 +12,9 @@ from glmkit.generation import Context, TokenOutput, next_positions, prefill_inpu
 from glmkit.model import GLM, KVCache
 from glmkit.sampling import GenerationSettings
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, GLMTokenizer
-from glmkit.training import (IGNORE, BatchStream, Corpus, ObjectiveSettings, Sample, TrainSettings, blank_sample,
-                             encode_blank, gmask_sample, init_weights, make_batch, pack_rows, perplexity,
-                             sample_layout, train, unigram_log_probs)
+from glmkit.objective import (IGNORE, BatchStream, Corpus, ObjectiveSettings, Sample, blank_sample, encode_blank,
+                              gmask_sample, make_batch, pack_rows, sample_layout)
+from glmkit.training import TrainSettings, init_weights, perplexity, train, unigram_log_probs
 
 CODE = '''def add(self, other):
     """Return the sum of two values."""

@@ -1,0 +1,1 @@
+"""The tutorial notebooks' cells, one module per notebook (written out by scripts/make_notebooks.py)."""
