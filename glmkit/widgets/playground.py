@@ -107,8 +107,13 @@ class Playground(Tool):
         self._enable_for_strategy()
 
         c = self.controls
-        grid = w.GridBox([c[name] for name in c if name not in ("stop", "show_probabilities")],
-                         layout=w.Layout(grid_template_columns="repeat(auto-fill, minmax(17em, 1fr))"))
+        settings_widgets = [c[name] for name in c if name not in ("stop", "show_probabilities")]
+        for widget in settings_widgets:
+            # Fill the grid cell instead of the stock 300px, which ran over the next column's label.
+            widget.layout.width = "100%"
+        grid = w.GridBox(settings_widgets,
+                         layout=w.Layout(grid_template_columns="repeat(auto-fill, minmax(19em, 1fr))",
+                                         grid_gap="2px 12px"))
         stop_box = w.HBox([w.VBox([w.Label("stop sequences"), c["stop"]]),
                            w.HTML(f'<div style="max-width:32em;font-size:90%;color:#555">{STOP_HINT}</div>')])
         buttons = w.HBox([self.generate_button, self.stop_button, self.clear_button, c["show_probabilities"]])
