@@ -1,6 +1,12 @@
 """Shared fixtures: the shipped demo model and tokenizer, loaded once per test session."""
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,3 +42,17 @@ def small_model():
             if "layernorm" not in name:
                 param.normal_(0, 0.3)
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def interpreted(request):
+    """What the requesting test module prints as its last line (JSON) when run as a script under Triton's
+    interpreter: its kernel cases, on the CPU. TRITON_INTERPRET must be set before Triton is first imported,
+    hence a fresh process."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, request.module.__file__], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
