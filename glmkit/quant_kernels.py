@@ -289,6 +289,14 @@ if triton is not None:
             tl.atomic_add(out_ptrs, acc, mask=out_mask)  # fp32 buffer; bias and cast happen after
 
 
+def _unpack_mode(bits: int, dtype: torch.dtype, on_gpu: bool) -> int:
+    """The kernels' FAST_UNPACK: 1 (fp16) or 2 (bf16) for INT4 through inline PTX on a real GPU, else 0
+    (shifts: other dtypes, INT8, and Triton's interpreter, which cannot run PTX)."""
+    if bits != 4 or not on_gpu or os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    return {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0)
+
+
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The float weight (out, in) in `dtype` of an int8 / INT4-packed weight: q * scale, rounded once.
 
@@ -299,9 +307,7 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torc
         raise RuntimeError("Triton is not installed; use glmkit.quantization.dequantize_weight")
     n, k = weight.shape[0], weight.shape[1] * 8 // bits
     out = torch.empty(n, k, dtype=dtype, device=weight.device)
-    fast_unpack = 0
-    if bits == 4 and weight.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        fast_unpack = {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0)
+    fast_unpack = _unpack_mode(bits, dtype, weight.is_cuda)
     block_n, block_k = 16, 256
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](weight, scale, out, n, k, weight.stride(0), out.stride(0), BITS=bits,
@@ -330,9 +336,7 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     m = x2.shape[0]
     config = config or default_config(m, n, k, bits)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
-    fast_unpack = 0
-    if bits == 4 and config.fast_unpack and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        fast_unpack = {torch.float16: 1, torch.bfloat16: 2}.get(x.dtype, 0)
+    fast_unpack = _unpack_mode(bits, x.dtype, x.is_cuda) if config.fast_unpack else 0
     if config.split_k == 1:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
