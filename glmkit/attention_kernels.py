@@ -18,10 +18,14 @@ values.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
+
+# One check for both decode kernels; glmkit.model asks it here, so tests can switch attention alone.
+from .norm_kernels import kernel_usable
+
+__all__ = ["decode_attention", "kernel_usable"]
 
 try:
     import triton
@@ -31,13 +35,6 @@ except ImportError:  # CPU-only installs use the eager attention in glmkit.model
     tl = None
 
 BLOCK_T = 128  # cache positions per loop step
-
-
-def kernel_usable(tensor: torch.Tensor) -> bool:
-    """True when decode_attention can run on `tensor`'s device (CUDA, or Triton's interpreter)."""
-    if triton is None:
-        return False
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,

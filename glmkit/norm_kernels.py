@@ -24,7 +24,8 @@ except ImportError:  # CPU-only installs use the eager ops
     tl = None
 
 
-def _kernel_usable(tensor: torch.Tensor) -> bool:
+def kernel_usable(tensor: torch.Tensor) -> bool:
+    """True when glmkit's Triton kernels can run on `tensor`'s device (CUDA, or Triton's interpreter)."""
     if triton is None:
         return False
     return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,7 +44,7 @@ def add_layernorm(norm: nn.LayerNorm, residual: torch.Tensor | None, branch: tor
         # The kernel has no backward: training (anything that needs gradients) takes the eager ops.
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (residual, branch, norm.weight, norm.bias))
-        use_kernel = _kernel_usable(branch) and not needs_grad
+        use_kernel = kernel_usable(branch) and not needs_grad
     if not use_kernel:
         return norm(branch) if residual is None else norm(residual * alpha + branch)
     has_residual = residual is not None

@@ -26,6 +26,7 @@ from .config import QUANTIZATION_BITS, GLMConfig
 from .generation import Context
 from .model import GLM
 from .quantization import convert_for_runtime, quantize_weight
+from .tensor_parallel import parallelize, resize_for_rank, split_tensor
 
 LINEAR_GAIN = 0.5  # std * sqrt(fan_in) of every linear weight: well below the chaotic regime (> 1)
 EMBEDDING_STD = 0.02
@@ -38,8 +39,6 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def _own_slice(name: str, full: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank `rank`'s part of `full` in its own contiguous storage, so the full tensor can be freed."""
-    from .tensor_parallel import split_tensor
-
     part = split_tensor(name, full, rank, world_size)
     return part if part.numel() == full.numel() else part.clone(memory_format=torch.contiguous_format)
 
@@ -66,8 +65,6 @@ def build_random_model(config: GLMConfig, dtype: torch.dtype, device: str | torc
     `quantization`, the four linear weights of each layer are drawn in `dtype` and quantized whole (scales
     over full rows, as glmkit quantizes checkpoints) before slicing.
     """
-    from .tensor_parallel import parallelize, resize_for_rank
-
     device = torch.device(device)
     with torch.device("meta"):
         model = GLM(config)

@@ -59,12 +59,12 @@ def check_fused_kernels(step: DecodeStep) -> dict:
     step.index.fill_(length // 2)
     step.pads.fill_(0)
     fused = step._run().float()
-    saved = attention_kernels.kernel_usable, norm_kernels._kernel_usable
-    attention_kernels.kernel_usable = norm_kernels._kernel_usable = lambda tensor: False
+    saved = attention_kernels.kernel_usable, norm_kernels.kernel_usable
+    attention_kernels.kernel_usable = norm_kernels.kernel_usable = lambda tensor: False
     try:
         eager = step._run().float()
     finally:
-        attention_kernels.kernel_usable, norm_kernels._kernel_usable = saved
+        attention_kernels.kernel_usable, norm_kernels.kernel_usable = saved
     return {"check": "fused kernels vs eager ops, one decode step's logits",
             "max_abs_difference": (fused - eager).abs().max().item(), "logit_std": eager.std().item(),
             "same_argmax": bool(torch.equal(fused.argmax(-1), eager.argmax(-1)))}

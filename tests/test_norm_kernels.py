@@ -66,7 +66,7 @@ def test_cpu_tensors_use_the_eager_ops():
 def test_training_keeps_the_eager_ops_because_the_kernel_has_no_backward(monkeypatch):
     from glmkit import norm_kernels
 
-    monkeypatch.setattr(norm_kernels, "_kernel_usable", lambda tensor: True)  # as if on a GPU
+    monkeypatch.setattr(norm_kernels, "kernel_usable", lambda tensor: True)  # as if on a GPU
     norm = nn.LayerNorm(8)
     x, y = torch.randn(2, 8, requires_grad=True), torch.randn(2, 8)
     out = add_layernorm(norm, x, y, 2.0)
