@@ -221,8 +221,8 @@ class AllReduce:
                  max_bytes: int = SYMMETRIC_MAX_BYTES):
         self.group = group
         self.buffer = None
-        if device.type == "cuda" and dist.get_world_size(group) > 1:
-            self.buffer = self._symmetric_buffer(group, device, dtype, max_bytes) if symmetric else None
+        if symmetric and device.type == "cuda" and dist.get_world_size(group) > 1:
+            self.buffer = self._symmetric_buffer(group, device, dtype, max_bytes)
             agreed = torch.tensor([self.buffer is not None], dtype=torch.int32, device=device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
             if not agreed.item():
