@@ -1,8 +1,8 @@
 """glmkit: explore GLM-130B and smaller GLM checkpoints from Jupyter."""
 from .config import GLMConfig, KitConfig, load_config
-from .infilling import Blank, GenerationResult, TextEvent
-from .pipeline import GLMPipeline, load, load_model, load_tokenizer
-from .sampling import GenerationSettings
+from .generate.blanks import Blank, GenerationResult, TextEvent
+from .generate.pipeline import GLMPipeline, load, load_model, load_tokenizer
+from .generate.sampling import GenerationSettings
 from .tokenizer import GLMTokenizer
 
 __all__ = ["GLMConfig", "KitConfig", "load_config", "Blank", "GenerationResult", "TextEvent", "GLMPipeline",

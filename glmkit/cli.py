@@ -12,7 +12,7 @@ from .config import load_config
 
 
 def _generate(args) -> int:
-    from .pipeline import GLMPipeline
+    from .generate.pipeline import GLMPipeline
 
     overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v}
     started = time.perf_counter()
@@ -47,7 +47,7 @@ def _generate(args) -> int:
 
 
 def _demo(args) -> int:
-    from .cluster import GLMCluster
+    from .serve.cluster import GLMCluster
 
     times = {}
     started = time.perf_counter()
@@ -97,7 +97,7 @@ def _inspect(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import BenchOptions, resolve_config, run_bench
+    from .lab.bench import BenchOptions, resolve_config, run_bench
 
     name, model, kit = resolve_config(args.config, args.layers)
     try:
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse `argv` and run the command, turning user errors into one-line messages."""
-    from .sat_reference import SATUnavailableError
+    from .lab.sat_reference import SATUnavailableError
 
     args = build_parser().parse_args(argv)
     # Loading or building a model tensor by tensor fragments the CUDA caching allocator (a 3.3 GB KV cache

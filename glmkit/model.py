@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import attention_kernels
+from .kernels import attention as attention_kernels
 from .config import GLMConfig
-from .norm_kernels import add_layernorm
+from .kernels.norm import add_layernorm
 
 # SAT fills masked attention scores with this constant rather than -inf; keeping it makes fully
 # masked rows (left padding) behave exactly like the original instead of producing NaNs.
@@ -145,7 +145,7 @@ class Block(nn.Module):
         """This block's output as a pair (y, m) standing for y * alpha + m, with its input given the same way.
 
         Post-LN with DeepNorm: the residual is the *normalised* input scaled by alpha. The sum is left to
-        the next LayerNorm, which adds and normalises in one kernel on a GPU (glmkit.norm_kernels); the
+        the next LayerNorm, which adds and normalises in one kernel on a GPU (glmkit.kernels.norm); the
         first block gets (None, embeddings).
         """
         x = add_layernorm(self.input_layernorm, residual, branch, self.alpha)

@@ -167,7 +167,7 @@ def quantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """x (..., in) @ dequant(weight)^T (+ bias): the Triton kernel on CUDA for small batches, else F.linear."""
     dequantize = dequantize_weight
     if x.is_cuda:
-        from . import quant_kernels  # imports Triton; CPU-only use never needs it
+        from .kernels import quant as quant_kernels  # imports Triton; CPU-only use never needs it
 
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if quant_kernels.available() and 0 < rows <= KERNEL_MAX_ROWS:

@@ -7,14 +7,14 @@
 `kernels` first checks the Triton kernel against dequantize + F.linear on the GPU, then, for each layer of a
 GLM-130B block (query_key_value, dense, dense_h_to_4h, dense_4h_to_h; their tensor-parallel shard at --tp),
 each batch size and INT8/INT4, times:
-  kernel     glmkit.quant_kernels.int_linear with the default config (and the best of a sweep)
+  kernel     glmkit.kernels.quant.int_linear with the default config (and the best of a sweep)
   fallback   dequantize_weight + F.linear (what glmkit uses for large batches and without Triton)
   dense      F.linear on the fp16/bf16 weight (the unquantized baseline)
 Each record gives milliseconds, the weight bytes read, GB/s and the fraction of the measured copy bandwidth
 (the bandwidth floor). The last record sums one block and extrapolates 70 layers to tokens/s (weights only).
 INT4 records also time the best configuration with the portable shift-based unpacking (`kernel_best_portable`)
 and with two half-width products over strided x columns (`kernel_best_strided`), to show what each gains. `--write-configs` merges the winners, per (bits, out, in, batch),
-into the JSON file glmkit.quant_kernels.default_config reads (configs/int_kernels.json is the shipped one).
+into the JSON file glmkit.kernels.quant.default_config reads (configs/int_kernels.json is the shipped one).
 
 `load` writes a random fp16 checkpoint of GLM-130B shape (--layers, --shards; about 3.2 GB per layer plus
 3.7 GB of embedding) into DIR if it is not there, then loads it with quantize-while-loading onto the GPU and
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glmkit import quant_kernels  # noqa: E402
-from glmkit.quant_kernels import KernelConfig, default_config, int_linear  # noqa: E402
+from glmkit.kernels import quant as quant_kernels  # noqa: E402
+from glmkit.kernels.quant import KernelConfig, default_config, int_linear  # noqa: E402
 from glmkit.quantization import dequantize_weight, quantize_weight  # noqa: E402
 
 HIDDEN, INNER, LAYERS = 12288, 32768, 70
@@ -219,7 +219,7 @@ def _memory_kb() -> dict[str, int]:
 def load(args) -> None:
     from glmkit.checkpoint import expected_shapes, inspect_checkpoint, save_checkpoint
     from glmkit.config import GLMConfig, KitConfig
-    from glmkit.pipeline import load_model
+    from glmkit.generate.pipeline import load_model
     from glmkit.tensor_parallel import split_tensor
 
     model = GLMConfig(num_layers=args.layers, hidden_size=HIDDEN, num_attention_heads=96,

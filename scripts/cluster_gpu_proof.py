@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from glmkit.checkpoint import save_checkpoint
-from glmkit.cluster import GLMCluster
+from glmkit.serve.cluster import GLMCluster
 from glmkit.config import GLMConfig, KitConfig
 from glmkit.model import GLM
-from glmkit.pipeline import GLMPipeline, load_model
+from glmkit.generate.pipeline import GLMPipeline, load_model
 from glmkit.tensor_parallel import split_tensor
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, GLMTokenizer
 

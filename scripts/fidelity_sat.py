@@ -6,7 +6,7 @@ What it does (details and the numbers of a run in docs/fidelity.md):
      checkpoints with 1 and with 2 shards (glmkit.checkpoint.save_checkpoint + split_tensor).
   2. Reference: SAT 0.4.12 `GLM130B`, built from SAT's own argument parser and loaded with SAT's own
      `load_checkpoint`, at model-parallel size 1 (this process) and 2 (two processes, NCCL). Two SAT
-     quirks are patched in the built model's hooks, SAT's files untouched (glmkit.sat_reference,
+     quirks are patched in the built model's hooks, SAT's files untouched (glmkit.lab.sat_reference,
      `patch_sat_model`, shared with `glmkit bench --against sat`).
   3. Candidates: glmkit `load_model` from the 1-shard and the 2-shard checkpoint (one process), and
      glmkit at TP=2 (`load_model(config, rank, 2)` + `parallelize`) from both checkpoints.
@@ -46,11 +46,11 @@ if str(REPO_ROOT) not in sys.path:
 
 from glmkit.checkpoint import expected_shapes, save_checkpoint  # noqa: E402
 from glmkit.config import GLMConfig, KitConfig  # noqa: E402
-from glmkit.generation import Context, next_positions, prefill_inputs  # noqa: E402
-from glmkit.infilling import plan_prompt  # noqa: E402
+from glmkit.generate.tokens import Context, next_positions, prefill_inputs  # noqa: E402
+from glmkit.generate.blanks import plan_prompt  # noqa: E402
 from glmkit.model import KVCache  # noqa: E402
-from glmkit.pipeline import load_model  # noqa: E402
-from glmkit.sat_reference import (SATRunner, close_distributed, init_distributed,  # noqa: E402
+from glmkit.generate.pipeline import load_model  # noqa: E402
+from glmkit.lab.sat_reference import (SATRunner, close_distributed, init_distributed,  # noqa: E402
                                   load_sat_checkpoint, patch_sat_model)
 from glmkit.tensor_parallel import parallelize, split_tensor  # noqa: E402
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, GLMTokenizer  # noqa: E402
@@ -120,7 +120,7 @@ def write_checkpoints(config: GLMConfig, root: Path, seed: int) -> dict[int, Pat
     return paths
 
 
-# The demo tokenizer's encoding of PROMPTS as glmkit.infilling.plan_prompt makes it (eos appended after
+# The demo tokenizer's encoding of PROMPTS as glmkit.generate.blanks.plan_prompt makes it (eos appended after
 # the [MASK] prompt), so the script runs where icetk (which the tokenizer needs) is not installed;
 # build_cases re-derives and checks them wherever the tokenizer loads.
 PLANNED_TOKENS = {
@@ -134,7 +134,7 @@ MASK_ID, GMASK_ID, SOP_ID = 22000, 22001, 22004  # the demo tokenizer's [MASK], 
 
 
 def build_cases(config: GLMConfig) -> tuple[dict[str, list[Context]], str]:
-    """Contexts exactly as glmkit.infilling.fill_blanks builds them for the first blank."""
+    """Contexts exactly as glmkit.generate.blanks.fill_blanks builds them for the first blank."""
     planned, source = dict(PLANNED_TOKENS), "PLANNED_TOKENS"
     try:
         tokenizer = GLMTokenizer.load(DEMO_TOKENIZER_DIR)
@@ -163,7 +163,7 @@ def build_cases(config: GLMConfig) -> tuple[dict[str, list[Context]], str]:
 
 # ----------------------------------------------------------------------------- SAT reference
 # Building, loading and patching SAT's GLM130B, and its filling_sequence-shaped runner, live in
-# glmkit.sat_reference (shared with `glmkit bench --against sat`).
+# glmkit.lab.sat_reference (shared with `glmkit bench --against sat`).
 
 def load_sat(config: GLMConfig, ckpt: Path, mp_size: int, device, fp16: bool = True, patch: bool = True):
     """SAT's GLM130B loaded the way GLM-130B's initialize.py does it, plus a check of the loaded weights."""
@@ -209,7 +209,7 @@ def drive(runner, contexts: list[Context], steps: int, device, forced: torch.Ten
             break
         feed = forced[:, step].to(device) if forced is not None else own
         start = length + step
-        # As glmkit.generation.generate_tokens: positions keep counting ([gMASK]) or stay pinned ([MASK]);
+        # As glmkit.generate.tokens.generate_tokens: positions keep counting ([gMASK]) or stay pinned ([MASK]);
         # a decode token sees every earlier token except left padding.
         step_positions = next_positions(contexts, step + 1)[:, None].to(device)
         step_allowed = (torch.arange(start + 1)[None, :] >= pads[:, None])[:, None, None].to(device)

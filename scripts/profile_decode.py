@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from glmkit.config import DTYPES, PRESETS  # noqa: E402
-from glmkit.decoding import DecodeStep  # noqa: E402
-from glmkit.random_model import build_random_model, weight_bytes  # noqa: E402
-from glmkit.timing import Clock, measure_bandwidth  # noqa: E402
+from glmkit.generate.graphs import DecodeStep  # noqa: E402
+from glmkit.lab.random_model import build_random_model, weight_bytes  # noqa: E402
+from glmkit.lab.timing import Clock, measure_bandwidth  # noqa: E402
 
 # First matching substring of the (lower-cased) kernel name decides the group.
 GROUPS = [("quantized", ("int_linear",)), ("norm (fused)", ("add_layernorm",)),
@@ -48,7 +48,8 @@ def group_of(name: str) -> str:
 @torch.inference_mode()
 def check_fused_kernels(step: DecodeStep) -> dict:
     """Logits of one decode step with glmkit's fused GPU kernels against the same step in eager ops."""
-    from glmkit import attention_kernels, norm_kernels
+    from glmkit.kernels import attention as attention_kernels
+    from glmkit.kernels import norm as norm_kernels
 
     generator = torch.Generator(device=step.cache.keys.device).manual_seed(0)
     for tensor in (step.cache.keys, step.cache.values):
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.kernel_configs:
-        from glmkit.quant_kernels import load_tuned_configs
+        from glmkit.kernels.quant import load_tuned_configs
         load_tuned_configs(args.kernel_configs)
     device = torch.device("cuda")
     config = dataclasses.replace(PRESETS["glm-130b"], num_layers=args.layers)

@@ -5,10 +5,10 @@ the codec tables under encodings/ left out), a fixed ~4 % of package files held 
 tokenized once for its token count and the unigram baseline. It is built from the stdlib of the Python that
 runs this script and saved to --corpus; when that file exists it is used as is, so a machine with another
 Python (or none of the stdlib) trains on the same text. (2) glm-tiny (or --config, with overrides) trained
-with glmkit.objective's blank-infilling objective for --minutes (or exactly --steps). (3) held-out perplexity
+with glmkit.lab.objective's blank-infilling objective for --minutes (or exactly --steps). (3) held-out perplexity
 of the model and of an add-one unigram on the same tokens, the checkpoint as 2 fp16 SAT shards in
 <out>/checkpoint, <out>/training_log.json and <out>/training_curve.png; the checkpoint is loaded back with
-glmkit.pipeline.load_model and a few prompts are generated with GLMPipeline.
+glmkit.generate.pipeline.load_model and a few prompts are generated with GLMPipeline.
 
     python scripts/train_demo_model.py --build-corpus-only        # writes the corpus file and exits
     python scripts/train_demo_model.py --device cuda --minutes 8  # trains
@@ -34,13 +34,13 @@ import torch
 
 from glmkit.checkpoint import save_checkpoint
 from glmkit.config import REPO_ROOT, load_config
-from glmkit.infilling import check_masks
+from glmkit.generate.blanks import check_masks
 from glmkit.model import GLM
-from glmkit.pipeline import GLMPipeline, load_model
+from glmkit.generate.pipeline import GLMPipeline, load_model
 from glmkit.tensor_parallel import split_tensor
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, MODEL_FILE, NUM_IMAGE_TOKENS, GLMTokenizer
-from glmkit.objective import BatchStream, Corpus, ObjectiveSettings, heldout_lm_samples, make_batch, pack_rows
-from glmkit.training import (TrainSettings, evaluate, init_weights, perplexity, scored_tokens, train,
+from glmkit.lab.objective import BatchStream, Corpus, ObjectiveSettings, heldout_lm_samples, make_batch, pack_rows
+from glmkit.lab.training import (TrainSettings, evaluate, init_weights, perplexity, scored_tokens, train,
                              unigram_log_probs)
 
 CORPUS_FILE = REPO_ROOT / "artifacts" / "demo-corpus" / "stdlib-corpus.json.gz"

@@ -12,7 +12,7 @@ import torch
 
 from glmkit.config import GLMConfig, load_config
 from glmkit.model import GLM
-from glmkit.pipeline import GLMPipeline
+from glmkit.generate.pipeline import GLMPipeline
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ CONFIG = GLMConfig(num_layers=2, hidden_size=72, num_attention_heads=4, inner_hi
 
 
 def _attention_case(dtype: torch.dtype, generator: torch.Generator) -> dict:
-    from glmkit import attention_kernels
+    from glmkit.kernels import attention as attention_kernels
     from glmkit.model import Attention, KVCache, rotary_tables
 
     b, length, slot = 2, 300, 257  # 300 positions: a partial last block of BLOCK_T
@@ -48,10 +48,10 @@ def _attention_case(dtype: torch.dtype, generator: torch.Generator) -> dict:
 
 def _generation_case() -> dict:
     # The trained demo model (random weights only echo their input), greedy, with and without the kernel.
-    from glmkit import attention_kernels
+    from glmkit.kernels import attention as attention_kernels
     from glmkit.config import load_config
-    from glmkit.decoding import StepGraphs
-    from glmkit.pipeline import GLMPipeline
+    from glmkit.generate.graphs import StepGraphs
+    from glmkit.generate.pipeline import GLMPipeline
 
     pipeline = GLMPipeline.from_config(load_config("glm-tiny"))
     pipeline.steps = StepGraphs(pipeline.model, use_graphs=False)  # the fixed-shape steps, run eagerly
@@ -86,7 +86,7 @@ def test_greedy_decoding_is_the_same_with_the_kernel(interpreted):
 
 
 def test_bad_shapes_are_clear_errors():
-    from glmkit.attention_kernels import decode_attention
+    from glmkit.kernels.attention import decode_attention
 
     qkv = torch.zeros(1, 2, 4, 3, 16)
     cache = torch.zeros(1, 4, 8, 16)

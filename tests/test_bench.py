@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from glmkit import bench
-from glmkit.bench import BATCH_KEYS, RESULT_KEYS, BenchOptions, context_limits, prefill_workspace_bytes
+from glmkit.lab import bench
+from glmkit.lab.bench import BATCH_KEYS, RESULT_KEYS, BenchOptions, context_limits, prefill_workspace_bytes
 from glmkit.cli import main
 from glmkit.config import GLMConfig, load_config
-from glmkit.generation import Context, generate_tokens, prefill_inputs
-from glmkit.random_model import build_random_model, random_contexts, weight_bytes
-from glmkit.sampling import GenerationSettings
+from glmkit.generate.tokens import Context, generate_tokens, prefill_inputs
+from glmkit.lab.random_model import build_random_model, random_contexts, weight_bytes
+from glmkit.generate.sampling import GenerationSettings
 
 TINY = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=96, vocab_size=256,
                  max_sequence_length=128)
@@ -225,7 +225,7 @@ def test_against_sat_on_cpu_dry_run(monkeypatch):
     for handler in logging.getLogger("sat").handlers:
         handler.stream = sys.stderr  # (setStream would flush the closed one)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")  # SAT allocates buffers there
-    from glmkit import sat_reference
+    from glmkit.lab import sat_reference
 
     # Stronger weights than bench's default so greedy choices are not near ties in fp16.
     config = dataclasses.replace(TINY, vocab_size=1024)
@@ -258,5 +258,5 @@ def test_against_sat_on_cpu_dry_run(monkeypatch):
 
 
 def _port() -> int:
-    from glmkit.engine import free_port
+    from glmkit.serve.engine import free_port
     return free_port()

@@ -10,7 +10,7 @@ import ipyparallel as ipp
 import psutil
 import pytest
 
-from glmkit.cluster import EngineDiedError, GLMCluster
+from glmkit.serve.cluster import EngineDiedError, GLMCluster
 
 PROMPTS = ["def [MASK](self):", "Hello", "x = [MASK] + [MASK]"]
 

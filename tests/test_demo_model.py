@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from glmkit.tokenizer import NUM_IMAGE_TOKENS
-from glmkit.objective import Corpus, heldout_lm_samples, pack_rows
-from glmkit.training import evaluate, perplexity, scored_tokens, unigram_log_probs
+from glmkit.lab.objective import Corpus, heldout_lm_samples, pack_rows
+from glmkit.lab.training import evaluate, perplexity, scored_tokens, unigram_log_probs
 
 ROOT = Path(__file__).resolve().parent.parent
 # Two standard-library files that were held out of the demo model's training corpus

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from glmkit.generation import Context, beam_search, generate_tokens, prefill_inputs
-from glmkit.sampling import (GenerationSettings, apply_penalties, filter_top_k_top_p,
+from glmkit.generate.tokens import Context, beam_search, generate_tokens, prefill_inputs
+from glmkit.generate.sampling import (GenerationSettings, apply_penalties, filter_top_k_top_p,
                              repeated_ngram_bans)
 
 CONTEXTS = [Context((5, 17, 2, 90, 40), None), Context((9, 33, 40), 1), Context((70, 71, 72, 73, 74, 40), None)]
@@ -191,7 +191,7 @@ def test_unknown_keyword_lists_known_ones():
 
 def test_fixed_shape_decode_steps_generate_the_same_tokens(small_model):
     """The path CUDA graphs replay (fixed shapes, rows kept to the end), run eagerly on CPU."""
-    from glmkit.decoding import StepGraphs
+    from glmkit.generate.graphs import StepGraphs
 
     steps = StepGraphs(small_model, use_graphs=False)
     settings = GenerationSettings(max_new_tokens=7)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from glmkit.infilling import check_masks, plan_prompt
+from glmkit.generate.blanks import check_masks, plan_prompt
 
 
 def test_prompt_rules_follow_glm130b_generate(tokenizer):

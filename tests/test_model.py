@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from glmkit.checkpoint import load_rank_state_dict, repack_checkpoint
-from glmkit.generation import Context, prefill_inputs
+from glmkit.generate.tokens import Context, prefill_inputs
 from glmkit.model import GLM, KVCache
-from glmkit.pipeline import load_model
+from glmkit.generate.pipeline import load_model
 
 
 def reference_logits(model: GLM, ids: list[int], positions: list[int], allowed: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from glmkit.norm_kernels import add_layernorm
+from glmkit.kernels.norm import add_layernorm
 
 # Allowed error in units in the last place of the exact result: fp32 carries the error of its own mean,
 # variance and square root; fp16 is correctly rounded; Triton's interpreter converts to bf16 by truncation
@@ -64,7 +64,7 @@ def test_cpu_tensors_use_the_eager_ops():
 
 
 def test_training_keeps_the_eager_ops_because_the_kernel_has_no_backward(monkeypatch):
-    from glmkit import norm_kernels
+    from glmkit.kernels import norm as norm_kernels
 
     monkeypatch.setattr(norm_kernels, "kernel_usable", lambda tensor: True)  # as if on a GPU
     norm = nn.LayerNorm(8)

@@ -25,9 +25,9 @@ from glmkit import quantization as qz
 from glmkit.checkpoint import (expected_shapes, inspect_checkpoint, load_rank_state_dict, quantize_checkpoint,
                                read_shard, repack_checkpoint, save_checkpoint, stored_quantization)
 from glmkit.config import GLMConfig, KitConfig, load_config
-from glmkit.generation import Context, prefill_inputs
+from glmkit.generate.tokens import Context, prefill_inputs
 from glmkit.model import GLM
-from glmkit.pipeline import load_model
+from glmkit.generate.pipeline import load_model
 from glmkit.quantization import (QuantizedLinear, convert_for_runtime, dequantize_weight, pack_int4,
                                  quantize_model, quantize_state_dict, quantize_weight, unpack_int4)
 from glmkit.tensor_parallel import merge_tensors, shard_model, split_tensor
@@ -229,8 +229,8 @@ def test_demo_model_logits_within_bounds(demo_config, demo_logits, mode, max_rel
 
 
 def test_quantized_generation_with_kv_cache(demo_config):
-    from glmkit.generation import generate_tokens
-    from glmkit.sampling import GenerationSettings
+    from glmkit.generate.tokens import generate_tokens
+    from glmkit.generate.sampling import GenerationSettings
     context = Context(tuple(range(20050, 20080)) + (22004,), None)
     settings = GenerationSettings(max_new_tokens=8)
     expected = generate_tokens(load_model(demo_config), [context], settings, end_tokens=())[0].tokens
@@ -466,7 +466,7 @@ KERNEL_CASES = [dict(block_m=1, block_n=16, block_k=64),  # GEMV, masked K and N
 
 
 def _run_kernel_cases() -> list[dict]:
-    from glmkit import quant_kernels
+    from glmkit.kernels import quant as quant_kernels
 
     results = []
     generator = torch.Generator().manual_seed(7)
@@ -512,7 +512,7 @@ def test_triton_kernel_matches_dequantize_path_under_interpreter(interpreted):
 
 
 def test_kernel_config_checks():
-    from glmkit.quant_kernels import KernelConfig
+    from glmkit.kernels.quant import KernelConfig
 
     with pytest.raises(ValueError, match="must be a power of two"):
         KernelConfig(block_n=48)
@@ -521,8 +521,8 @@ def test_kernel_config_checks():
 
 
 def test_tuned_kernel_configs_pick_by_shape_and_rows(tmp_path):
-    from glmkit import quant_kernels
-    from glmkit.quant_kernels import KernelConfig, default_config, load_tuned_configs, tuned_config_entries
+    from glmkit.kernels import quant as quant_kernels
+    from glmkit.kernels.quant import KernelConfig, default_config, load_tuned_configs, tuned_config_entries
 
     small, large = KernelConfig(block_m=16, block_n=32, block_k=256), KernelConfig(block_m=32, block_n=128)
     path = tmp_path / "tuned.json"

@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-import glmkit.infilling as infilling
+import glmkit.generate.blanks as infilling
 from glmkit.config import GLMConfig
-from glmkit.generation import Context, TokenOutput, next_positions, prefill_inputs
+from glmkit.generate.tokens import Context, TokenOutput, next_positions, prefill_inputs
 from glmkit.model import GLM, KVCache
-from glmkit.sampling import GenerationSettings
+from glmkit.generate.sampling import GenerationSettings
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, GLMTokenizer
-from glmkit.objective import (IGNORE, BatchStream, Corpus, ObjectiveSettings, Sample, blank_sample, encode_blank,
+from glmkit.lab.objective import (IGNORE, BatchStream, Corpus, ObjectiveSettings, Sample, blank_sample, encode_blank,
                               gmask_sample, make_batch, pack_rows, sample_layout)
-from glmkit.training import TrainSettings, init_weights, perplexity, train, unigram_log_probs
+from glmkit.lab.training import TrainSettings, init_weights, perplexity, train, unigram_log_probs
 
 CODE = '''def add(self, other):
     """Return the sum of two values."""

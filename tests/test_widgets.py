@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from glmkit.generation import TokenLogprob
-from glmkit.infilling import MASK_PATTERN, Blank, GenerationResult, TextEvent
-from glmkit.sampling import GenerationSettings
+from glmkit.generate.tokens import TokenLogprob
+from glmkit.generate.blanks import MASK_PATTERN, Blank, GenerationResult, TextEvent
+from glmkit.generate.sampling import GenerationSettings
 from glmkit.widgets import FewShot, FewShotTemplate, Playground, TokenInspector, load_template
 from glmkit.widgets.render import esc
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipywidgets as w
 import pandas as pd
 
-from ..sampling import GenerationSettings
+from ..generate.sampling import GenerationSettings
 from ._base import Tool, backend_lock, error_html, info_html, labelled
 from .render import BOX, esc, escape_text, tokens_html, unescape, visible_whitespace_html
 from .templates import RESULT_COLUMNS, Example, FewShotTemplate, load_template, shipped_templates

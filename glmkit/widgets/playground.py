@@ -7,8 +7,8 @@ import time
 import ipywidgets as w
 import pandas as pd
 
-from ..infilling import MASK_PATTERN, GenerationResult, TextEvent, plan_prompt
-from ..sampling import GenerationSettings
+from ..generate.blanks import MASK_PATTERN, GenerationResult, TextEvent, plan_prompt
+from ..generate.sampling import GenerationSettings
 from ._base import Tool, backend_lock, error_html, info_html, labelled
 from .render import Segment, escape_text, generation_html, unescape
 

@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from ..config import CONFIG_DIR
-from ..infilling import MASK_PATTERN
+from ..generate.blanks import MASK_PATTERN
 
 TEMPLATE_DIR = CONFIG_DIR / "templates"
 RESULT_COLUMNS = ["query", "answer", "completion", "finish_reason", "tokens", "seconds", "prompt"]

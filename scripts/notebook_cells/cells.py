@@ -23,7 +23,7 @@ def teardown(text: str) -> tuple[str, str, list[str]]:
 
 
 START_CLUSTER = """\
-from glmkit.cluster import GLMCluster
+from glmkit.serve.cluster import GLMCluster
 
 cluster = GLMCluster(config=CONFIG, n=ENGINES)
 cluster.start()                 # engines up, one process group among them

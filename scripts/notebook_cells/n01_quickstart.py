@@ -31,7 +31,7 @@ and joins them in one `torch.distributed` process group (NCCL on GPUs, gloo on C
     code("""\
 import time
 
-from glmkit.cluster import GLMCluster
+from glmkit.serve.cluster import GLMCluster
 
 cluster = GLMCluster(config=CONFIG, n=ENGINES)
 started = time.perf_counter()

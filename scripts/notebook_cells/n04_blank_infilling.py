@@ -29,10 +29,10 @@ CONFIG = "glm-tiny"; CLUSTER = False; ENGINES = 2
 import pandas as pd
 
 import glmkit
-from glmkit.infilling import MASK_PATTERN
+from glmkit.generate.blanks import MASK_PATTERN
 
 if CLUSTER:
-    from glmkit.cluster import GLMCluster
+    from glmkit.serve.cluster import GLMCluster
 
     glm = GLMCluster(config=CONFIG, n=ENGINES)
     glm.start()
@@ -85,7 +85,7 @@ GLM-130B's own `generate.py` builds the model input like this, and glmkit follow
 its own, as in the original: the text after a mask gets its own dummy-prefix `▁`, and a space before a mask
 becomes a lone `▁` (see `05-tokenizer-quirks`)."""),
     code("""\
-from glmkit.infilling import plan_prompt
+from glmkit.generate.blanks import plan_prompt
 
 
 def glm_input(prompt):
@@ -109,7 +109,7 @@ is causal, as in a left-to-right model. Position ids count up through the contex
 The table shows the positions of the context tokens and of the first generated tokens
 (`gen 1`, `gen 2`, …) for a short prompt of each kind."""),
     code("""\
-from glmkit.generation import Context, next_positions, prefill_inputs
+from glmkit.generate.tokens import Context, next_positions, prefill_inputs
 
 
 def positions(prompt, generated=3):

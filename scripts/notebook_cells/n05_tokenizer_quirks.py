@@ -21,7 +21,9 @@ CONFIG = "glm-tiny"  # with GLM-130B's tokenizer: CONFIG = "glm-130b"
     code("""\
 import pandas as pd
 
-from glmkit import GLMTokenizer, load_config
+from glmkit import GLMTokenizer
+
+from glmkit import load_config
 from glmkit.widgets import TokenInspector
 
 tokenizer = GLMTokenizer.load(load_config(CONFIG).tokenizer)

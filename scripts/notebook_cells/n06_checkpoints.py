@@ -122,8 +122,8 @@ bit-for-bit the same next-token logits for a prompt. A model as big as GLM-130B 
 the cell after this one checks it on the cluster instead."""),
     code("""\
 import glmkit
-from glmkit.generation import Context, prefill_inputs
-from glmkit.infilling import plan_prompt
+from glmkit.generate.tokens import Context, prefill_inputs
+from glmkit.generate.blanks import plan_prompt
 
 
 def logits(checkpoint, prompt="def [MASK](self, other):\\n    return self.value + other.value"):
@@ -148,7 +148,7 @@ else:
 import torch
 
 if torch.cuda.is_available() and config.device.startswith("cuda"):
-    from glmkit.cluster import GLMCluster
+    from glmkit.serve.cluster import GLMCluster
 
     prompt = "Tsinghua University is located in [MASK]."
     with GLMCluster(config=config) as cluster:

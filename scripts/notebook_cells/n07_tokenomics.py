@@ -58,7 +58,7 @@ generation path the cluster uses, on random weights of the config's architecture
 numbers are tiny-model numbers; on a GPU node set the config cell to `glm-130b` with `LAYERS = 12` (a slice
 of the model that fits one GPU: per-layer cost scales, so 70 layers cost about 70/12 as much per step)."""),
     code("""\
-from glmkit.bench import BenchOptions, default_device, resolve_config, run_bench
+from glmkit.lab.bench import BenchOptions, default_device, resolve_config, run_bench
 
 device = default_device()  # the first GPU when there is one
 name, config, _ = resolve_config(CONFIG, LAYERS)

@@ -1,4 +1,4 @@
-"""Training and evaluating small GLMs on the blank-infilling objective (glmkit.objective): loss, perplexity, loop.
+"""Training and evaluating small GLMs on the blank-infilling objective (glmkit.lab.objective): loss, perplexity, loop.
 
 Used to train the shipped demo model (scripts/train_demo_model.py) and by its tests; the loop is plain
 AdamW with warm-up and cosine decay, mixed precision on GPUs, and evaluation by held-out perplexity.
@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .model import GLM
+from ..model import GLM
 from .objective import IGNORE, Batch
 
 

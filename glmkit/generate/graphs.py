@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import GLM, KVCache
+from ..model import GLM, KVCache
 
 # Cache lengths are rounded up to this, so calls with similar lengths reuse one captured graph.
 LENGTH_BUCKET = 256

@@ -1,6 +1,6 @@
 """Engine side of the cluster: one tensor-parallel rank kept resident in an ipyparallel engine.
 
-The notebook (`glmkit.cluster`) creates one `ShardWorker` per engine and then calls its methods on every
+The notebook (`glmkit.serve.cluster`) creates one `ShardWorker` per engine and then calls its methods on every
 engine at once. Ranks stay in lockstep because each makes the same calls in the same order; the only
 decision that could differ between ranks, whether to stop early, is taken by rank 0 and broadcast.
 """
@@ -14,12 +14,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .config import KitConfig
-from .decoding import StepGraphs
-from .infilling import TextEvent, fill_blanks
-from .pipeline import load_model, load_tokenizer
-from .sampling import GenerationSettings
-from .tensor_parallel import parallelize
+from ..config import KitConfig
+from ..generate.graphs import StepGraphs
+from ..generate.blanks import TextEvent, fill_blanks
+from ..generate.pipeline import load_model, load_tokenizer
+from ..generate.sampling import GenerationSettings
+from ..tensor_parallel import parallelize
 
 # The name the worker is stored under in each engine's namespace (ipyparallel `Reference` target).
 WORKER_NAME = "_glmkit_worker"

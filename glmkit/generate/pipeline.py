@@ -6,14 +6,14 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import load_rank_state_dict
-from .config import KitConfig, load_config
-from .decoding import StepGraphs
-from .infilling import GenerationResult, TextEvent, fill_blanks
-from .model import GLM
-from .quantization import convert_for_runtime
+from ..checkpoint import load_rank_state_dict
+from ..config import KitConfig, load_config
+from .graphs import StepGraphs
+from .blanks import GenerationResult, TextEvent, fill_blanks
+from ..model import GLM
+from ..quantization import convert_for_runtime
 from .sampling import GenerationSettings
-from .tokenizer import GLMTokenizer
+from ..tokenizer import GLMTokenizer
 
 
 def _check_device(device: str) -> torch.device:
@@ -46,7 +46,7 @@ def load_model(config: KitConfig, rank: int = 0, world_size: int = 1) -> GLM:
     if bits is not None:
         convert_for_runtime(model, bits)
     if world_size > 1:
-        from .tensor_parallel import resize_for_rank
+        from ..tensor_parallel import resize_for_rank
         resize_for_rank(model, world_size)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()

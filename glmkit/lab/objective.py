@@ -1,4 +1,4 @@
-"""GLM-130B's blank-infilling objective for small GLMs: samples and packed batches (glmkit.training trains on them).
+"""GLM-130B's blank-infilling objective for small GLMs: samples and packed batches (glmkit.lab.training trains on them).
 
 Every sample is one generation `infilling.fill_blanks` runs, with the right answer as target:
 * [gMASK]: a window's prefix is the prompt (`plan_prompt` appends [gMASK], no eos) and the rest is generated
@@ -24,9 +24,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .generation import Context, next_positions, prefill_inputs
-from .infilling import plan_prompt
-from .tokenizer import GLMTokenizer
+from ..generate.tokens import Context, next_positions, prefill_inputs
+from ..generate.blanks import plan_prompt
+from ..tokenizer import GLMTokenizer
 
 IGNORE = -100  # label of positions that predict nothing (context, padding)
 _WORDS = re.compile(r"\w+|[^\w\s]")  # [MASK] blanks are runs of these: names, numbers, punctuation marks

@@ -26,10 +26,10 @@ import psutil
 import torch.distributed as dist
 
 from . import engine
-from .config import KitConfig, load_config
-from .infilling import GenerationResult, TextEvent, plan_prompt
-from .sampling import GenerationSettings
-from .tokenizer import GLMTokenizer
+from ..config import KitConfig, load_config
+from ..generate.blanks import GenerationResult, TextEvent, plan_prompt
+from ..generate.sampling import GenerationSettings
+from ..tokenizer import GLMTokenizer
 
 POLL_S = 0.05
 
@@ -365,7 +365,7 @@ class GLMCluster:
 @ipp.interactive  # runs in the engine's user namespace, where ipyparallel References are resolved
 def _make_worker(rank, world_size, device, store_host, store_port, timeout_s, env):
     """Runs on an engine: create its ShardWorker and keep it in the engine's namespace."""
-    from glmkit.engine import WORKER_NAME, ShardWorker
+    from glmkit.serve.engine import WORKER_NAME, ShardWorker
 
     globals()[WORKER_NAME] = ShardWorker(rank, world_size, device, store_host, store_port, timeout_s, env)
     return WORKER_NAME

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 # One check for both decode kernels; glmkit.model asks it here, so tests can switch attention alone.
-from .norm_kernels import kernel_usable
+from .norm import kernel_usable
 
 __all__ = ["decode_attention", "kernel_usable"]
 

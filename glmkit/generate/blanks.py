@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .decoding import StepGraphs
-from .generation import Context, TokenLogprob, generate_tokens
-from .model import GLM
+from .graphs import StepGraphs
+from .tokens import Context, TokenLogprob, generate_tokens
+from ..model import GLM
 from .sampling import GenerationSettings
-from .tokenizer import MASK_PATTERN
+from ..tokenizer import MASK_PATTERN
 
 # Bracketed look-alikes such as "[mask]", "[ MASK ]", "[xMASK]" or an unclosed "[MASK".
 _MASK_LOOKALIKE = re.compile(r"\[[^\[\]\n]{0,6}mask[^\[\]\n]{0,6}\]|\[[sg]?MASK(?!\])", re.IGNORECASE)

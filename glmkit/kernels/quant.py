@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import CONFIG_DIR
+
 try:
     import triton
     import triton.language as tl
@@ -86,7 +88,7 @@ DEFAULT_CONFIGS: list[tuple[int, KernelConfig]] = [
 ]
 
 
-TUNED_CONFIGS_PATH = Path(__file__).resolve().parent.parent / "configs" / "int_kernels.json"
+TUNED_CONFIGS_PATH = CONFIG_DIR / "int_kernels.json"
 # (bits, out_features, in_features) -> [(max rows, config)] in increasing order of rows.
 _tuned: dict[tuple[int, int, int], list[tuple[int, KernelConfig]]] | None = None
 

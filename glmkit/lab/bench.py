@@ -4,13 +4,13 @@ Decoding one token reads every weight once, so the floor of a decode step is wei
 bandwidth. `run_bench` builds a model of any GLMConfig with random weights directly on the device (a
 meta-device model, then one tensor at a time, so the host never holds it), optionally tensor-parallel
 over `tp` processes, measures the device's copy bandwidth, and times:
-  - the real generation path: `glmkit.generation.generate_tokens` with `glmkit.decoding.StepGraphs`
+  - the real generation path: `glmkit.generate.tokens.generate_tokens` with `glmkit.generate.graphs.StepGraphs`
     (what GLMPipeline and the engines use on GPU), per generated token;
   - the fixed-shape decode step alone: CUDA-graph replays, and the same step launched eagerly, so the
     Python overhead of the generation loop and the launch overhead are both visible;
   - prefill of a prompt;
   - optionally SAT's own GLM130B (`against="sat"`), patched, on the very same weight tensors, decoding
-    in filling_sequence's shape (glmkit.sat_reference).
+    in filling_sequence's shape (glmkit.lab.sat_reference).
 It returns one JSON-ready dict; RESULT_KEYS and BATCH_KEYS document every key. GPU numbers come from CUDA
 events or synchronised host clocks, after warm-up, as medians over repeats. On CPU the same code runs
 (tiny configs, for tests): graphs are off, the bandwidth is a host memcpy and memory comes from the OS.
@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, PRESETS, GLMConfig, check_precision, load_config
-from .decoding import DecodeStep, StepGraphs
-from .generation import generate_tokens, prefill_inputs
-from .model import GLM
+from ..config import DTYPES, PRESETS, GLMConfig, check_precision, load_config
+from ..generate.graphs import DecodeStep, StepGraphs
+from ..generate.tokens import generate_tokens, prefill_inputs
+from ..model import GLM
 from .random_model import build_random_model, random_contexts, weight_bytes
-from .sampling import GenerationSettings
+from ..generate.sampling import GenerationSettings
 from .timing import Clock, collective_step_ms, free_cached, measure_bandwidth, memory_info, peak_bytes, reset_peak
 
 # Every top-level key of the result, with its meaning (tests check that all are present).
@@ -314,7 +314,7 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         torch.cuda.set_device(device)
     clock = Clock(device)
     if options.kernel_configs is not None:
-        from .quant_kernels import load_tuned_configs
+        from ..kernels.quant import load_tuned_configs
         load_tuned_configs(options.kernel_configs)  # in every rank's process
     copy_bytes = options.copy_bytes or (2**30 if clock.cuda else 64 * 2**20)
     _log(rank, f"bandwidth: copying {copy_bytes / 2**20:.0f} MiB")
@@ -466,7 +466,7 @@ def run_bench(options: BenchOptions) -> dict:
         return bench_process(options)
     import torch.multiprocessing as mp
 
-    from .engine import free_port
+    from ..serve.engine import free_port
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "result.json"
         mp.spawn(_rank_main, args=(options, free_port(), str(path)), nprocs=options.tp, join=True)

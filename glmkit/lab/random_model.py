@@ -22,11 +22,11 @@ import zlib
 import torch
 from torch import nn
 
-from .config import QUANTIZATION_BITS, GLMConfig
-from .generation import Context
-from .model import GLM
-from .quantization import convert_for_runtime, quantize_weight
-from .tensor_parallel import parallelize, resize_for_rank, split_tensor
+from ..config import QUANTIZATION_BITS, GLMConfig
+from ..generate.tokens import Context
+from ..model import GLM
+from ..quantization import convert_for_runtime, quantize_weight
+from ..tensor_parallel import parallelize, resize_for_rank, split_tensor
 
 LINEAR_GAIN = 0.5  # std * sqrt(fan_in) of every linear weight: well below the chaotic regime (> 1)
 EMBEDDING_STD = 0.02

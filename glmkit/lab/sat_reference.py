@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import GLMConfig
-from .generation import Context, next_positions, prefill_inputs
+from ..config import GLMConfig
+from ..generate.tokens import Context, next_positions, prefill_inputs
 
 INSTALL_HINT = ("install it with `pip install --no-deps SwissArmyTransformer==0.4.12` plus einops and "
                 "transformers")
@@ -328,7 +328,7 @@ def time_sat_decode(model, prompts: dict[int, list[Context]], new_tokens: int, r
     # SAT's layers need its model-parallel state even at size 1, and that needs a process group.
     own_group = not dist.is_initialized()
     if own_group:
-        from .engine import free_port
+        from ..serve.engine import free_port
         init_distributed(0, 1, free_port(), "nccl" if torch.device(device).type == "cuda" else "gloo")
     else:
         init_model_parallel(world_size)

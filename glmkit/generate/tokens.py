@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from .decoding import DecodeStep, StepGraphs
-from .model import GLM, KVCache
+from .graphs import DecodeStep, StepGraphs
+from ..model import GLM, KVCache
 from .sampling import GenerationSettings, choose_next, processed_logits
 
 

@@ -1,0 +1,1 @@
+"""The resident cluster: the notebook side (GLMCluster) and the engine side (ShardWorker)."""
