@@ -27,7 +27,7 @@ import torch
 from .config import GLMConfig
 from .quantization import (SCALE_SUFFIX, check_bits, dequantize_weight, is_quantized_weight, packed_columns,
                            quantize_weight, row_absmax, scale_from_absmax)
-from .tensor_parallel import reshard_tensor, shard_shape, shard_style, source_ranks
+from .parallel.layout import reshard_tensor, shard_shape, shard_style, source_ranks
 
 SHARD_NAME = "mp_rank_{:02d}_model_states.pt"
 _SHARD_RE = re.compile(r"mp_rank_(\d{2,})_model_states\.pt")

@@ -100,6 +100,8 @@ def _bench(args) -> int:
     from .lab.bench import BenchOptions, resolve_config, run_bench
 
     name, model, kit = resolve_config(args.config, args.layers)
+    if args.engines is not None:
+        return _bench_engines(args, model, kit)
     try:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
@@ -117,6 +119,29 @@ def _bench(args) -> int:
         kernel_configs=args.kernel_configs, all_reduce=args.all_reduce)
     with contextlib.redirect_stdout(sys.stderr):  # whatever SAT or torch print, stdout carries only the JSON
         result = run_bench(options)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _bench_engines(args, model, kit) -> int:
+    from .lab.engine_bench import run_engine_bench
+    from .tokenizer import DEMO_TOKENIZER_DIR
+
+    if args.engines < 1:
+        raise ValueError(f"--engines takes the number of engines (at least 1), got {args.engines}")
+    tokenizer = kit.tokenizer if kit is not None and kit.tokenizer is not None else DEMO_TOKENIZER_DIR
+    with contextlib.redirect_stdout(sys.stderr):
+        result = run_engine_bench(model, engines=args.engines, dtype=args.dtype or (kit.dtype if kit else "fp16"),
+                                  device=args.device or (kit.device if kit else "cuda"),
+                                  quantization=args.quantization or (kit.quantization if kit else None),
+                                  tokenizer=tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.tokens,
+                                  repeats=args.repeats, seed=args.seed,
+                                  copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
+                                  pipeline=not args.no_pipeline)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
@@ -187,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--all-reduce", choices=["auto", "nccl"], default="auto",
                        help="tp > 1: 'auto' sums decode activations through torch symmetric memory where the "
                        "GPUs allow it, 'nccl' always uses NCCL")
+    bench.add_argument("--engines", type=int, help="time generate() through a GLMCluster of this many engines "
+                       "(and GLMPipeline in this process) instead of the in-process generation loop")
+    bench.add_argument("--no-pipeline", action="store_true", help="with --engines: skip the in-process pipeline")
     bench.add_argument("--out", help="also write the JSON to this file")
     bench.set_defaults(run=_bench)
 

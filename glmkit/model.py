@@ -1,9 +1,10 @@
 """A plain PyTorch GLM-130B: post-LN DeepNorm blocks, GeGLU MLP, rotary attention, tied output embedding.
 
 Module and parameter names follow SwissArmyTransformer's checkpoints (`transformer.layers.3.attention.dense.weight`),
-so loading a SAT state dict is a direct `load_state_dict`. Nothing here knows about torch.distributed: a
-tensor-parallel rank is this same model with sliced weights (see `tensor_parallel.shard_model`), and every
-layer reads its local head count from its weights instead of from global state.
+so loading a SAT state dict is a direct `load_state_dict`. Nothing here knows about torch.distributed or GPU
+kernels: a tensor-parallel rank is this same model with sliced weights (`glmkit.parallel`), every layer reads
+its local head count from its weights, and the fused decode kernels replace modules of it
+(`glmkit.kernels.apply_decode_kernels`), as quantization does.
 """
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import attention as attention_kernels
 from .config import GLMConfig
-from .kernels.norm import add_layernorm
 
 # SAT fills masked attention scores with this constant rather than -inf; keeping it makes fully
 # masked rows (left padding) behave exactly like the original instead of producing NaNs.
 MASKED_SCORE = -10000.0
+# Prefill attention computes scores for this many (batch x head x query x key) entries at most at once: a
+# 1,920-token batch of 32 would otherwise hold (32, 96, 1920, 1920) fp32 scores, 42 GiB in one allocation.
+# Queries are independent rows of the softmax, so splitting them changes no number.
+SCORE_CHUNK_ELEMENTS = 1 << 27
 
 
 def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
@@ -44,7 +47,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (layers, b, local_heads, max_length, hd) each."""
+    """Preallocated keys and values for every layer: (layers, b, local_heads, max_length, hd) each.
+
+    The tensors never move once allocated (CUDA graphs read them by address): writes and beam reorders
+    happen in place.
+    """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
         self.keys = keys
@@ -64,10 +71,35 @@ class KVCache:
     def max_length(self) -> int:
         return self.keys.shape[3]
 
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    def layer(self, layer_id: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (b, nh, length, hd) of the first `length` slots of one layer."""
+        return self.keys[layer_id, :, :, :length], self.values[layer_id, :, :, :length]
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+               length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (b, nh, s, hd) at cache `slots` (s,), then return the layer's first `length` slots."""
+        self.keys[layer_id].index_copy_(2, slots, k)
+        self.values[layer_id].index_copy_(2, slots, v)
+        return self.layer(layer_id, length)
+
     def reorder(self, batch_indices: torch.Tensor) -> None:
-        """Keep (and repeat) batch rows in the order given, e.g. the surviving beams."""
-        self.keys = self.keys.index_select(1, batch_indices)
-        self.values = self.values.index_select(1, batch_indices)
+        """Keep (and repeat) batch rows in the order given, e.g. the surviving beams, in place."""
+        self.keys.copy_(self.keys.index_select(1, batch_indices))
+        self.values.copy_(self.values.index_select(1, batch_indices))
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """GLM-130B's attention weights (b, nh, s, t) in q's dtype for q (b, nh, s, hd), k (b, nh, t, hd)."""
+    # GLM-130B divides q by an extra (layer_id + 1) before the half-precision matmul and multiplies the
+    # scores back in fp32: this keeps fp16 scores of deep layers from overflowing.
+    coeff = float(layer_id + 1)
+    scores = torch.matmul(q / (math.sqrt(q.shape[-1]) * coeff), k.transpose(-1, -2))  # (b, nh, s, t)
+    scores = scores.masked_fill(~allowed, MASKED_SCORE)
+    return torch.softmax(scores.float() * coeff, dim=-1).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -83,41 +115,21 @@ class Attention(nn.Module):
         # A tensor-parallel rank holds a slice of the heads; its weight shape says how many.
         return self.query_key_value.weight.shape[0] // (3 * self.config.head_dim)
 
-    def forward(self, x, cos, sin, allowed, cache: KVCache | None, start: int):
+    def forward(self, x, cos, sin, allowed, cache: KVCache | None, slots: torch.Tensor | None):
         b, s, _ = x.shape
-        hd = self.config.head_dim
         # SAT lays the fused projection out per head as [q, k, v], each head_dim wide.
-        qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, hd)  # (b, s, nh, 3, hd)
-        if (s == 1 and cache is not None and isinstance(start, torch.Tensor) and not qkv.requires_grad
-                and attention_kernels.kernel_usable(x)):
-            # The fixed-shape decode step on a GPU: one fused kernel instead of ~16 launches (no backward).
-            context = attention_kernels.decode_attention(
-                qkv, cos, sin, cache.keys[self.layer_id], cache.values[self.layer_id], start, allowed,
-                float(self.layer_id + 1))
-            return self.dense(context)
+        qkv = self.query_key_value(x).view(b, s, self.local_heads, 3, self.config.head_dim)  # (b, s, nh, 3, hd)
         # q and k rotate together (half the kernel launches of rotating each: decode is launch-bound).
         q, k = apply_rotary(qkv[:, :, :, :2], cos[:, :, :, None], sin[:, :, :, None]).unbind(dim=3)
         v = qkv[:, :, :, 2]  # (b, s, nh, hd) each
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (b, nh, s, hd)
-        if cache is not None and isinstance(start, torch.Tensor):
-            # Static shapes (CUDA graphs): write at the positions held in `start`, attend over the
-            # whole cache; `allowed` hides the slots not filled yet.
-            cache.keys[self.layer_id].index_copy_(2, start, k)
-            cache.values[self.layer_id].index_copy_(2, start, v)
-            k, v = cache.keys[self.layer_id], cache.values[self.layer_id]  # (b, nh, T, hd)
-        elif cache is not None:
-            cache.keys[self.layer_id, :, :, start:start + s] = k
-            cache.values[self.layer_id, :, :, start:start + s] = v
-            k = cache.keys[self.layer_id, :, :, :start + s]  # (b, nh, t, hd)
-            v = cache.values[self.layer_id, :, :, :start + s]
-        # GLM-130B divides q by an extra (layer_id + 1) before the half-precision matmul and multiplies
-        # the scores back in fp32: this keeps fp16 scores of deep layers from overflowing.
-        coeff = float(self.layer_id + 1)
-        scores = torch.matmul(q / (math.sqrt(hd) * coeff), k.transpose(-1, -2))  # (b, nh, s, t)
-        scores = scores.masked_fill(~allowed, MASKED_SCORE)
-        probs = torch.softmax(scores.float() * coeff, dim=-1).to(v.dtype)
-        context = torch.matmul(probs, v)  # (b, nh, s, hd)
-        context = context.transpose(1, 2).reshape(b, s, self.local_heads * hd)  # (b, s, h/tp)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v, slots, allowed.shape[-1])  # (b, nh, t, hd)
+        rows = max(1, SCORE_CHUNK_ELEMENTS // (b * q.shape[1] * k.shape[2]))
+        context = torch.cat([torch.matmul(attention_probabilities(q[:, :, i:i + rows], k, allowed[:, :, i:i + rows],
+                                                                  self.layer_id), v)
+                             for i in range(0, s, rows)], dim=2)  # (b, nh, s, hd)
+        context = context.transpose(1, 2).reshape(b, s, self.local_heads * self.config.head_dim)  # (b, s, h/tp)
         return self.dense(context)
 
 
@@ -132,25 +144,35 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(value * F.gelu(gate))
 
 
+class AddLayerNorm(nn.LayerNorm):
+    """LayerNorm(residual * alpha + branch): DeepNorm's residual add and the post-LN after it, in one module.
+
+    `residual` None means no residual (the first block's input). Parameters are those of nn.LayerNorm, so
+    SAT's `*_layernorm.{weight,bias}` keys load as they are; on a GPU one kernel does both
+    (glmkit.kernels.FusedAddLayerNorm).
+    """
+
+    def forward(self, residual: torch.Tensor | None, branch: torch.Tensor, alpha: float) -> torch.Tensor:
+        return super().forward(branch if residual is None else residual * alpha + branch)
+
+
 class Block(nn.Module):
     def __init__(self, config: GLMConfig, layer_id: int):
         super().__init__()
         self.alpha = config.deepnorm_alpha
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.input_layernorm = AddLayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = Attention(config, layer_id)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_attention_layernorm = AddLayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, residual, branch, cos, sin, allowed, cache, start):
+    def forward(self, residual, branch, cos, sin, allowed, cache, slots):
         """This block's output as a pair (y, m) standing for y * alpha + m, with its input given the same way.
 
         Post-LN with DeepNorm: the residual is the *normalised* input scaled by alpha. The sum is left to
-        the next LayerNorm, which adds and normalises in one kernel on a GPU (glmkit.kernels.norm); the
-        first block gets (None, embeddings).
+        the next LayerNorm, which adds and normalises; the first block gets (None, embeddings).
         """
-        x = add_layernorm(self.input_layernorm, residual, branch, self.alpha)
-        y = add_layernorm(self.post_attention_layernorm, x, self.attention(x, cos, sin, allowed, cache, start),
-                          self.alpha)
+        x = self.input_layernorm(residual, branch, self.alpha)
+        y = self.post_attention_layernorm(x, self.attention(x, cos, sin, allowed, cache, slots), self.alpha)
         return y, self.mlp(y)
 
 
@@ -161,7 +183,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.final_layernorm = AddLayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
 
 
 class GLM(nn.Module):
@@ -173,35 +195,35 @@ class GLM(nn.Module):
         self.transformer = Transformer(config)
 
     def forward(self, input_ids, position_ids, allowed, cache: KVCache | None = None,
-                start: int | torch.Tensor = 0, last_only: bool = False) -> torch.Tensor:
-        """Logits (b, s, vocab), or (b, 1, vocab) with `last_only`, for one prefill or decode step.
+                slots: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (b, s, vocab), or (b, 1, vocab) with `last_only`, for s tokens at `position_ids` (b, s).
 
-        `allowed` is (b, 1, s, start + s) bool; with a cache, keys/values are written at
-        positions [start, start + s) and attention covers [0, start + s). When `start` is a tensor
-        of the s cache positions to write, shapes stay fixed for CUDA graphs: attention covers the
-        whole cache and `allowed` is (b, 1, s, cache length).
+        Without a cache, attention covers the s tokens and `allowed` is (b, 1, s, s) bool. With a cache, the
+        tokens' keys and values are written at cache `slots` (s,) and attention covers the first t slots of
+        the cache, t being `allowed`'s last dim (b, 1, s, t): a prefill writes slots 0..s-1 with t = s; a
+        fixed-shape decode step writes one slot and attends over the whole cache, so shapes never change.
         """
         b, s = input_ids.shape
-        if isinstance(start, torch.Tensor):
-            if cache is None or start.shape != (s,):
-                raise ValueError("a tensor `start` needs a KV cache and one cache position per input token")
-            expected = (b, 1, s, cache.max_length)
+        if cache is None:
+            if slots is not None:
+                raise ValueError("cache slots given without a KV cache to write them to")
+            expected = (b, 1, s, s)
         else:
-            if cache is None and start:
-                raise ValueError("start > 0 needs a KV cache holding the earlier positions")
-            if cache is not None and start + s > cache.max_length:
-                raise ValueError(f"KV cache holds {cache.max_length} positions; step needs {start + s}")
-            expected = (b, 1, s, start + s)
+            if slots is None or slots.shape != (s,):
+                raise ValueError(f"a KV cache needs `slots`: one cache position per input token, shape ({s},)")
+            length = allowed.shape[-1]
+            if length > cache.max_length:
+                raise ValueError(f"KV cache holds {cache.max_length} positions; the step attends over {length}")
+            expected = (b, 1, s, length)
         if allowed.shape != expected:
             raise ValueError(f"attention mask has shape {tuple(allowed.shape)}; expected {expected}")
         residual, branch = None, self.transformer.word_embeddings(input_ids)  # (b, s, h)
         cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base, branch.dtype)
         for layer in self.transformer.layers:
-            residual, branch = layer(residual, branch, cos, sin, allowed, cache, start)
+            residual, branch = layer(residual, branch, cos, sin, allowed, cache, slots)
         if last_only:
             residual, branch = residual[:, -1:], branch[:, -1:]
-        alpha = self.config.deepnorm_alpha
-        hidden = add_layernorm(self.transformer.final_layernorm, residual, branch, alpha)
+        hidden = self.transformer.final_layernorm(residual, branch, self.config.deepnorm_alpha)
         # Tied output projection; on a tensor-parallel rank this is the local vocab slice, which
         # the tensor-parallel transform gathers with a forward hook.
         return F.linear(hidden, self.transformer.word_embeddings.weight)  # (b, s, vocab/tp)

@@ -249,7 +249,7 @@ def _swap(model: nn.Module, bits: int, quantize: bool) -> nn.Module:
             continue
         if type(module) is not nn.Linear:
             raise ValueError(f"{name} is a {type(module).__name__}, expected nn.Linear; quantize the plain "
-                             f"model before tensor_parallel.parallelize wraps its layers")
+                             f"model before glmkit.parallel.transform.parallelize wraps its layers")
         if quantize:
             new = QuantizedLinear.from_linear(module, bits)
         else:

@@ -220,7 +220,7 @@ def load(args) -> None:
     from glmkit.checkpoint import expected_shapes, inspect_checkpoint, save_checkpoint
     from glmkit.config import GLMConfig, KitConfig
     from glmkit.generate.pipeline import load_model
-    from glmkit.tensor_parallel import split_tensor
+    from glmkit.parallel.layout import split_tensor
 
     model = GLMConfig(num_layers=args.layers, hidden_size=HIDDEN, num_attention_heads=96,
                       inner_hidden_size=INNER, vocab_size=150528)

@@ -27,7 +27,7 @@ from glmkit.serve.cluster import GLMCluster
 from glmkit.config import GLMConfig, KitConfig
 from glmkit.model import GLM
 from glmkit.generate.pipeline import GLMPipeline, load_model
-from glmkit.tensor_parallel import split_tensor
+from glmkit.parallel.layout import split_tensor
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, GLMTokenizer
 
 PROMPTS = ["def [MASK](self, other):\n    return self.value + other.value",

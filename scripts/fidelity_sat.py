@@ -31,7 +31,6 @@ import dataclasses
 import json
 from functools import partial
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -52,7 +51,9 @@ from glmkit.model import KVCache  # noqa: E402
 from glmkit.generate.pipeline import load_model  # noqa: E402
 from glmkit.lab.sat_reference import (SATRunner, close_distributed, init_distributed,  # noqa: E402
                                   load_sat_checkpoint, patch_sat_model)
-from glmkit.tensor_parallel import parallelize, split_tensor  # noqa: E402
+from glmkit.parallel.transform import parallelize  # noqa: E402
+from glmkit.parallel.comm import free_port  # noqa: E402
+from glmkit.parallel.layout import split_tensor  # noqa: E402
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, GLMTokenizer  # noqa: E402
 
 # Chosen on CPU among seeds 1-5 (glmkit fp32 vs fp16): the most varied greedy output, and no greedy step
@@ -182,10 +183,11 @@ class KitRunner:
         if self.mask_transform is not None:
             allowed = self.mask_transform(allowed)
         self.cache = KVCache.allocate(self.model, ids.shape[0], total_length)
-        return self.model(ids, positions, allowed, self.cache, 0)
+        return self.model(ids, positions, allowed, self.cache, torch.arange(ids.shape[1], device=ids.device))
 
     def step(self, ids, positions, allowed, start):
-        return self.model(ids, positions, allowed, self.cache, start)[:, -1]
+        slot = torch.tensor([start], device=ids.device)
+        return self.model(ids, positions, allowed, self.cache, slot)[:, -1]
 
 
 @torch.no_grad()
@@ -244,12 +246,6 @@ def kit_config(config: GLMConfig, ckpt: Path, dtype: str, device) -> KitConfig:
 
 
 init_dist, close_dist = init_distributed, close_distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- phases

@@ -37,7 +37,7 @@ from glmkit.config import REPO_ROOT, load_config
 from glmkit.generate.blanks import check_masks
 from glmkit.model import GLM
 from glmkit.generate.pipeline import GLMPipeline, load_model
-from glmkit.tensor_parallel import split_tensor
+from glmkit.parallel.layout import split_tensor
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, MODEL_FILE, NUM_IMAGE_TOKENS, GLMTokenizer
 from glmkit.lab.objective import BatchStream, Corpus, ObjectiveSettings, heldout_lm_samples, make_batch, pack_rows
 from glmkit.lab.training import (TrainSettings, evaluate, init_weights, perplexity, scored_tokens, train,

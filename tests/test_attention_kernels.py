@@ -15,10 +15,11 @@ CONFIG = GLMConfig(num_layers=2, hidden_size=72, num_attention_heads=4, inner_hi
 
 def _attention_case(dtype: torch.dtype, generator: torch.Generator) -> dict:
     from glmkit.kernels import attention as attention_kernels
-    from glmkit.model import Attention, KVCache, rotary_tables
+    from glmkit.kernels import FusedDecodeAttention
+    from glmkit.model import KVCache, rotary_tables
 
     b, length, slot = 2, 300, 257  # 300 positions: a partial last block of BLOCK_T
-    attention = Attention(CONFIG, layer_id=1).to(dtype)
+    attention = FusedDecodeAttention(CONFIG, layer_id=1).to(dtype)
     with torch.no_grad():
         for param in attention.parameters():
             param.normal_(0.0, 0.3, generator=generator)
@@ -50,11 +51,11 @@ def _generation_case() -> dict:
     # The trained demo model (random weights only echo their input), greedy, with and without the kernel.
     from glmkit.kernels import attention as attention_kernels
     from glmkit.config import load_config
-    from glmkit.generate.graphs import StepGraphs
     from glmkit.generate.pipeline import GLMPipeline
+    from glmkit.generate.tokens import Generator
 
     pipeline = GLMPipeline.from_config(load_config("glm-tiny"))
-    pipeline.steps = StepGraphs(pipeline.model, use_graphs=False)  # the fixed-shape steps, run eagerly
+    pipeline.generator = Generator(pipeline.model, use_graphs=False, kernels=True)  # fixed-shape steps, eager
     prompts = ["def read_config(path):\n    with open(path) as f:\n", "import os\nimport sys\n\n"]
     texts = {}
     for name, usable in (("kernel", lambda tensor: True), ("eager", lambda tensor: False)):

@@ -100,7 +100,7 @@ def test_tensor_parallel_shards_split_and_replicate():
 @pytest.mark.parametrize("quantization", [None, "int8", "int4"])
 def test_random_weights_are_one_model_at_every_tp_size(quantization):
     # Each rank holds its slice of the same full tensors, so runs at different TP sizes are comparable.
-    from glmkit.tensor_parallel import merge_tensors
+    from glmkit.parallel.layout import merge_tensors
     full = dict(build_random_model(TINY, torch.float16, "cpu", quantization=quantization, seed=2).named_parameters())
     for world_size in (2, 4):
         ranks = [dict(build_random_model(TINY, torch.float16, "cpu", quantization=quantization, seed=2,
@@ -258,5 +258,5 @@ def test_against_sat_on_cpu_dry_run(monkeypatch):
 
 
 def _port() -> int:
-    from glmkit.serve.engine import free_port
+    from glmkit.parallel.comm import free_port
     return free_port()

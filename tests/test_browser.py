@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from glmkit.parallel.comm import free_port
 
 from test_notebooks import NOTEBOOKS, ROOT, end_processes, write_kernelspec
 
@@ -96,12 +97,6 @@ def browser():
             chromium.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -156,7 +151,7 @@ def lab(tmp_path_factory):
         path.write_text(json.dumps(values))
     env = {**os.environ, **write_kernelspec(tmp / "jupyter"), "JUPYTER_CONFIG_DIR": str(config_dir),
            "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "workspaces")}
-    token, port = secrets.token_hex(24), _free_port()
+    token, port = secrets.token_hex(24), free_port()
     log = tmp / "jupyterlab.log"
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.open_browser=False",
                "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",

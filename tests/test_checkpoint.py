@@ -10,8 +10,7 @@ from glmkit import checkpoint as ckpt
 from glmkit.checkpoint import (config_from_checkpoint, expected_shapes, inspect_checkpoint, load_rank_state_dict,
                                read_shard, repack_checkpoint, save_checkpoint)
 from glmkit.config import GLMConfig
-from glmkit.tensor_parallel import (merge_tensors, reshard, shard_shape, shard_style, source_ranks,
-                                    split_tensor)
+from glmkit.parallel.layout import merge_tensors, reshard, shard_shape, shard_style, source_ranks, split_tensor
 
 TINY = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, inner_hidden_size=48, vocab_size=96)
 # Six heads so that 2 -> 3 shards keeps whole heads; hidden 36 gives head dim 6 (even, for rotary).

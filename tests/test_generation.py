@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from glmkit.generate.tokens import Context, beam_search, generate_tokens, prefill_inputs
+from glmkit.generate.beams import beam_search
+from glmkit.generate.tokens import Context, Generator, generate_tokens, prefill_inputs
 from glmkit.generate.sampling import (GenerationSettings, apply_penalties, filter_top_k_top_p,
                              repeated_ngram_bans)
 
@@ -169,7 +170,7 @@ def test_beam_search_finds_the_exhaustive_optimum():
     context = Context((1, 2, 3), None)
     for length_penalty in (0.0, 1.0):
         settings = GenerationSettings(max_new_tokens=3, num_beams=25, length_penalty=length_penalty)
-        found = beam_search(model, context, settings, end_tokens=(4,)).tokens
+        found = beam_search(Generator(model), context, settings, end_tokens=(4,)).tokens
         assert found == _exhaustive_best(model, context, 5, (4,), 3, length_penalty)
 
 
@@ -191,18 +192,17 @@ def test_unknown_keyword_lists_known_ones():
 
 def test_fixed_shape_decode_steps_generate_the_same_tokens(small_model):
     """The path CUDA graphs replay (fixed shapes, rows kept to the end), run eagerly on CPU."""
-    from glmkit.generate.graphs import StepGraphs
-
-    steps = StepGraphs(small_model, use_graphs=False)
+    generator = Generator(small_model)
     settings = GenerationSettings(max_new_tokens=7)
-    first = generate_tokens(small_model, CONTEXTS[:1], settings, end_tokens=())[0].tokens
-    end = (first[3],)  # one row ends early while the others go on
-    expected = generate_tokens(small_model, CONTEXTS, settings, end)
+    full = [greedy_by_full_forward(small_model, context, 7) for context in CONTEXTS]  # recomputed from scratch
+    # An end token that one row produces and another never does: one row ends early while others go on.
+    end = (next(t for t in full[0][1:] + full[1][1:] + full[2][1:] if any(t not in f for f in full)),)
+    expected = [tokens[:tokens.index(end[0])] if end[0] in tokens else tokens for tokens in full]
+    assert any(len(e) < 7 for e in expected) and any(len(e) == 7 for e in expected)
     for _ in range(2):  # the second call reuses the step and its (dirty) cache
-        got = generate_tokens(small_model, CONTEXTS, settings, end, steps=steps)
-        assert [o.tokens for o in got] == [o.tokens for o in expected]
-        assert [o.finish_reason for o in got] == [o.finish_reason for o in expected]
-    assert len(steps.steps) == 1
+        got = generator.generate(CONTEXTS, settings, end)
+        assert [o.tokens for o in got] == expected
+    assert len(generator.steps.steps) == 1
 
 
 def test_beam_search_stops_when_asked(small_model):

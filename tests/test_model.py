@@ -82,11 +82,11 @@ def test_kv_cache_decoding_matches_full_forward(small_model):
     allowed[..., : n - 1] = True  # GLM: the context before sop is visible to every query
     full = small_model(ids, positions, allowed)
     cache = KVCache.allocate(small_model, 1, 10)
-    prefix = small_model(ids[:, :n], positions[:, :n], allowed[:, :, :n, :n], cache, 0)
+    prefix = small_model(ids[:, :n], positions[:, :n], allowed[:, :, :n, :n], cache, torch.arange(n))
     assert torch.allclose(prefix, full[:, :n], atol=1e-5)
     for step in range(n, ids.shape[1]):
         one = small_model(ids[:, step:step + 1], positions[:, step:step + 1],
-                          allowed[:, :, step:step + 1, :step + 1], cache, step)
+                          allowed[:, :, step:step + 1, :step + 1], cache, torch.tensor([step]))
         assert torch.allclose(one[:, 0], full[:, step], atol=1e-5)
 
 
@@ -127,17 +127,31 @@ def test_shard_counts_load_identical_weights(demo_config, tmp_path):
     assert rank_state["transformer.word_embeddings.weight"].shape[0] == demo_config.model.vocab_size // 2
 
 
-def test_static_cache_step_matches_dynamic_step(small_model):
-    """The fixed-shape decode step (what CUDA graphs replay) computes the same logits."""
+def test_whole_cache_step_matches_growing_step(small_model):
+    """A decode step over the whole fixed-size cache (what CUDA graphs replay), the slots not yet written
+    masked, computes the logits of a step that attends over the filled slots only."""
     tokens = (5, 17, 2, 90, 40)
     ids, positions, allowed, _ = prefill_inputs([Context(tokens, None)], "cpu")
-    dynamic, static = KVCache.allocate(small_model, 1, 12), KVCache.allocate(small_model, 1, 12)
-    small_model(ids, positions, allowed, dynamic, 0)
-    small_model(ids, positions, allowed, static, 0)
+    growing, whole = KVCache.allocate(small_model, 1, 12), KVCache.allocate(small_model, 1, 12)
+    whole.keys.normal_()  # garbage in unwritten slots must not matter
+    for cache in (growing, whole):
+        small_model(ids, positions, allowed, cache, torch.arange(len(tokens)))
     for step, token in enumerate((11, 12, 13)):
         at = len(tokens) + step
-        one_id, one_pos = torch.tensor([[token]]), torch.tensor([[at]])
-        expected = small_model(one_id, one_pos, torch.ones(1, 1, 1, at + 1, dtype=torch.bool), dynamic, at)
+        one_id, one_pos, slot = torch.tensor([[token]]), torch.tensor([[at]]), torch.tensor([at])
+        expected = small_model(one_id, one_pos, torch.ones(1, 1, 1, at + 1, dtype=torch.bool), growing, slot)
         row = (torch.arange(12) <= at)[None, None, None]
-        got = small_model(one_id, one_pos, row, static, torch.tensor([at]))
+        got = small_model(one_id, one_pos, row, whole, slot)
         assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_chunked_prefill_attention_changes_no_number(small_model, monkeypatch):
+    """Prefill attention split into query chunks (long contexts) computes the same logits: each query is its
+    own softmax row, so only the matmul kernels' blocking (fp32 summation order) can differ."""
+    import glmkit.model as model_module
+
+    ids, positions, allowed, _ = prefill_inputs([Context(tuple(range(3, 40)), None), Context((5, 6, 7), 1)], "cpu")
+    whole = small_model(ids, positions, allowed)
+    monkeypatch.setattr(model_module, "SCORE_CHUNK_ELEMENTS", 2 * 4 * 5 * ids.shape[1])  # 5 query rows a chunk
+    chunked = small_model(ids, positions, allowed)
+    assert torch.allclose(chunked, whole, rtol=0, atol=1e-6 * whole.abs().max().item())

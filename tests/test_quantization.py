@@ -30,7 +30,8 @@ from glmkit.model import GLM
 from glmkit.generate.pipeline import load_model
 from glmkit.quantization import (QuantizedLinear, convert_for_runtime, dequantize_weight, pack_int4,
                                  quantize_model, quantize_state_dict, quantize_weight, unpack_int4)
-from glmkit.tensor_parallel import merge_tensors, shard_model, split_tensor
+from glmkit.parallel.layout import merge_tensors, split_tensor
+from glmkit.parallel.transform import shard_model
 
 TINY = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, inner_hidden_size=48, vocab_size=96)
 SLACK = {8: 2.0 ** -5, 4: 2.0 ** -9}
@@ -241,7 +242,7 @@ def test_quantized_generation_with_kv_cache(demo_config):
 
 def _tensor_parallel_rank(rank: int, world_size: int, port: int, results: dict) -> None:
     import torch.distributed as dist
-    from glmkit.tensor_parallel import parallelize
+    from glmkit.parallel.transform import parallelize
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -258,20 +259,17 @@ def _tensor_parallel_rank(rank: int, world_size: int, port: int, results: dict) 
 
 def test_int4_tensor_parallel_matches_one_process(demo_config):
     """Row-parallel INT4 shards (43 of 86 bytes per row) with replicated scales sum to the full product."""
-    import socket
-
     import torch.multiprocessing as mp
+
+    from glmkit.parallel.comm import free_port
 
     model = load_model(demo_config.replace(quantization="int4"))
     ids, positions, allowed, _ = prefill_inputs([Context(tuple(range(20050, 20080)), None)], "cpu")
     with torch.no_grad():
         expected = model(ids, positions, allowed)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_tensor_parallel_rank, args=(2, port, results), nprocs=2, join=True)
+        mp.spawn(_tensor_parallel_rank, args=(2, free_port(), results), nprocs=2, join=True)
         results = dict(results)
     for rank in range(2):
         logits, names, shape = results[rank]

@@ -1,8 +1,6 @@
 """A live tensor-parallel model (2 gloo processes) computes the same logits and tokens as one process."""
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,15 +9,10 @@ from glmkit.config import load_config
 from glmkit.generate.tokens import Context, generate_tokens, prefill_inputs
 from glmkit.generate.pipeline import load_model
 from glmkit.generate.sampling import GenerationSettings
-from glmkit.tensor_parallel import parallelize
+from glmkit.parallel.comm import free_port
+from glmkit.parallel.transform import parallelize
 
 CONTEXT = Context(tuple(range(20050, 20080)) + (22004,), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, results: dict) -> None:
@@ -43,7 +36,7 @@ def test_two_rank_logits_and_greedy_tokens_match_single_process():
     expected_tokens = generate_tokens(model, [CONTEXT], GenerationSettings(max_new_tokens=8), end_tokens=())[0].tokens
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank_main, args=(2, _free_port(), results), nprocs=2, join=True)
+        mp.spawn(_rank_main, args=(2, free_port(), results), nprocs=2, join=True)
         results = dict(results)
     for rank in range(2):
         logits, tokens = results[rank]

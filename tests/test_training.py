@@ -106,11 +106,12 @@ def test_training_logits_equal_kv_cached_decoding(small_model):
         ids, positions, allowed, _ = prefill_inputs([sample.context], "cpu")
         n = ids.shape[1]
         cache = KVCache.allocate(small_model, 1, n + len(sample.targets))
-        steps = [small_model(ids, positions, allowed, cache, 0)[0, -1]]
+        steps = [small_model(ids, positions, allowed, cache, torch.arange(n))[0, -1]]
         for k, token in enumerate(sample.targets[:-1], start=1):
             step_positions = next_positions([sample.context], k)[:, None]
             step_allowed = torch.ones(1, 1, 1, n + k, dtype=torch.bool)
-            steps.append(small_model(torch.tensor([[token]]), step_positions, step_allowed, cache, n + k - 1)[0, -1])
+            slot = torch.tensor([n + k - 1])
+            steps.append(small_model(torch.tensor([[token]]), step_positions, step_allowed, cache, slot)[0, -1])
         trained = logits[at + n - 1: at + n - 1 + len(sample.targets)]
         torch.testing.assert_close(trained, torch.stack(steps), atol=1e-4, rtol=1e-4)
         at += sample.num_inputs
@@ -125,13 +126,13 @@ def test_several_blanks_follow_fill_blanks_round_by_round(tok, monkeypatch):
     samples = [blank_sample(tok, CODE, blanks, mask, r, 512) for r in range(len(blanks))]
     seen = []
 
-    def fake_generate(model, contexts, settings, end_tokens, **kwargs):
-        seen.append(contexts[0])
-        return [TokenOutput(tokens=list(samples[len(seen) - 1].targets[:-1]), finish_reason="end")]
+    class FakeGenerator:
+        def generate(self, contexts, settings, end_tokens, **kwargs):
+            seen.append(contexts[0])
+            return [TokenOutput(tokens=list(samples[len(seen) - 1].targets[:-1]), finish_reason="end")]
 
-    monkeypatch.setattr(infilling, "generate_tokens", fake_generate)
-    model = tiny_model(tok.padded_vocab_size())
-    result = infilling.fill_blanks(model, tok, [text], GenerationSettings())[0]
+    plans = (infilling.plan_prompt(tok, text, 512),)
+    result = infilling.fill_blanks(FakeGenerator(), tok, plans, GenerationSettings())[0]
     assert seen == [s.context for s in samples]
     assert result.text == CODE  # the targets decode back to the blanked text, spaces included
 

@@ -1,4 +1,4 @@
-"""Text-level GLM-130B blank filling over `generation.generate_tokens`, as the original generate.py does it.
+"""Text-level GLM-130B blank filling over a `tokens.Generator`, as the original generate.py does it.
 
 Rules (GLM-130B's generate.py): a prompt without a mask gets `[gMASK]` appended; unless the prompt ends
 with a mask, `eos` follows the text; `sop` starts each generation. Masks are filled left to right, each
@@ -11,11 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .graphs import StepGraphs
-from .tokens import Context, TokenLogprob, generate_tokens
-from ..model import GLM
-from .sampling import GenerationSettings
 from ..tokenizer import MASK_PATTERN
+from .sampling import GenerationSettings
+from .tokens import Context, Generator, TokenLogprob
 
 # Bracketed look-alikes such as "[mask]", "[ MASK ]", "[xMASK]" or an unclosed "[MASK".
 _MASK_LOOKALIKE = re.compile(r"\[[^\[\]\n]{0,6}mask[^\[\]\n]{0,6}\]|\[[sg]?MASK(?!\])", re.IGNORECASE)
@@ -123,23 +121,51 @@ def _leading_space(tokenizer, tokens: list[int], before: str) -> str:
     return ""
 
 
-def _earliest_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+def _earliest_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(found) if found else None
 
 
 class _BlankDecoder:
-    """Decodes one blank's tokens, cutting at stop strings and holding back what may become one."""
+    """One blank's text, decoded incrementally as tokens arrive; cuts at stop strings and holds back what
+    may become one.
+
+    Decoding the whole blank at every token would cost quadratic time in its length. The text of a window
+    of the last few tokens is decoded instead and the new characters appended, only once they are final:
+    a window that ends inside a multi-byte character (byte pieces) waits for the rest.
+    """
 
     def __init__(self, tokenizer, before: str, stops: tuple[str, ...]):
         self.tokenizer, self.before, self.stops = tokenizer, before, stops
+        self.decoded = ""  # text of tokens[:self.read]
+        self.prefix = self.read = 0  # the window is tokens[prefix:read] (already in `decoded`) + the new ones
         self.emitted = 0
+        self.stop_at: int | None = None  # where the earliest stop string starts in `decoded`
 
     def text(self, tokens: list[int]) -> str:
+        """The whole text of `tokens` as one decode (exact; used once a blank is done)."""
         return _leading_space(self.tokenizer, tokens, self.before) + self.tokenizer.decode(tokens)
 
-    def visible(self, tokens: list[int], final: bool) -> str:
-        text = self.text(tokens)
+    def push(self, tokens: list[int]) -> None:
+        """Take `tokens` (the blank so far: earlier ones plus new ones) into the decoded text."""
+        if self.read == 0 and tokens:
+            self.decoded = _leading_space(self.tokenizer, tokens, self.before)
+        seen = self.tokenizer.decode(tokens[self.prefix:self.read])
+        window = self.tokenizer.decode(tokens[self.prefix:])
+        if len(window) <= len(seen) or window.endswith("\ufffd") or not window.startswith(seen):
+            if not window.startswith(seen):  # the window re-read its start differently: decode it all again
+                # The next window starts one token back: a window's first piece loses its leading space.
+                self.decoded, self.prefix, self.read = self.text(tokens), len(tokens) - 1, len(tokens)
+                if self.stops:
+                    self.stop_at = _earliest_stop(self.decoded, self.stops)
+            return
+        searched_from = max(0, len(self.decoded) - max((len(s) for s in self.stops), default=0) + 1)
+        self.decoded += window[len(seen):]
+        self.prefix, self.read = self.read, len(tokens)
+        if self.stops and self.stop_at is None:
+            self.stop_at = _earliest_stop(self.decoded, self.stops, searched_from)
+
+    def visible(self, text: str, final: bool) -> str:
         cut = _earliest_stop(text, self.stops)
         if cut is not None:
             return text[:cut]
@@ -150,13 +176,21 @@ class _BlankDecoder:
         return text.rstrip("\ufffd")  # an unfinished multi-byte character
 
     def delta(self, tokens: list[int]) -> str:
-        shown = self.visible(tokens, final=False)
+        """Push `tokens` and return the newly visible text."""
+        self.push(tokens)
+        shown = self.decoded[:self.stop_at] if self.stop_at is not None else self.visible(self.decoded, False)
         piece = shown[self.emitted:]
         self.emitted = max(self.emitted, len(shown))
         return piece
 
-    def hits_stop(self, tokens: list[int]) -> bool:
-        return bool(self.stops) and _earliest_stop(self.text(tokens), self.stops) is not None
+    def hits_stop(self, tokens: list[int], pushed: list[int] | None) -> bool:
+        """Whether `tokens` contain a stop string: from the incremental text when `tokens` are what was
+        pushed last (greedy and sampled decoding), else by decoding them (beam search's candidates)."""
+        if not self.stops:
+            return False
+        if pushed is not None and len(pushed) == len(tokens) and pushed[-1:] == tokens[-1:]:
+            return self.stop_at is not None
+        return _earliest_stop(self.text(tokens), self.stops) is not None
 
 
 def _tokens_within(decoder: _BlankDecoder, tokens: list[int], text: str) -> list[int]:
@@ -167,15 +201,10 @@ def _tokens_within(decoder: _BlankDecoder, tokens: list[int], text: str) -> list
     return tokens[:kept]
 
 
-def fill_blanks(model: GLM, tokenizer, prompts: list[str], settings: GenerationSettings,
+def fill_blanks(generator: Generator, tokenizer, plans: tuple[PromptPlan, ...], settings: GenerationSettings,
                 on_text: Callable[[TextEvent], None] | None = None,
-                should_abort: Callable[[], bool] | None = None,
-                steps: StepGraphs | None = None) -> list[GenerationResult]:
-    """Fill every blank of every prompt; prompts are batched together for each round of blanks.
-
-    `steps` (a StepGraphs of the model) makes decoding replay CUDA graphs; see generation.generate_tokens.
-    """
-    plans = [plan_prompt(tokenizer, p, model.config.max_sequence_length) for p in prompts]
+                should_abort: Callable[[], bool] | None = None) -> list[GenerationResult]:
+    """Fill every blank of every planned prompt (`plan_prompt`); prompts are batched for each round of blanks."""
     sequences = [list(plan.tokens) for plan in plans]
     pieces = [MASK_PATTERN.split(plan.prompt) for plan in plans]  # text around the masks
     results = [GenerationResult(plan.prompt, pieces[i][0], num_prompt_tokens=len(plan.tokens) + 1)
@@ -195,23 +224,22 @@ def fill_blanks(model: GLM, tokenizer, prompts: list[str], settings: GenerationS
             decoders[i] = _BlankDecoder(tokenizer, results[i].text, settings.stop)
 
         def stop(row: int, tokens: list[int]) -> bool:
-            return decoders[pending[row]].hits_stop(tokens)
+            return decoders[pending[row]].hits_stop(tokens, generated.get(pending[row]))
 
         def forward_token(row: int, token: int, record) -> None:
             index = pending[row]
             tokens = generated.setdefault(index, [])
             tokens.append(token)
-            piece = decoders[index].delta(tokens)
+            piece = decoders[index].delta(tokens)  # also what `stop` reads: it runs right after this
             if on_text is not None and piece:
                 on_text(TextEvent(index, round_number, token, piece, record))
 
         generated: dict[int, list[int]] = {}
-        outputs = generate_tokens(model, contexts, settings, end_tokens, stop=stop,
-                                  on_token=forward_token, should_abort=should_abort, steps=steps,
-                                  num_ids=tokenizer.num_tokens)
+        outputs = generator.generate(contexts, settings, end_tokens, stop=stop, on_token=forward_token,
+                                     should_abort=should_abort, num_ids=tokenizer.num_tokens)
         for i, output in zip(pending, outputs):
             decoder = decoders[i]
-            text = decoder.visible(output.tokens, final=True)
+            text = decoder.visible(decoder.text(output.tokens), final=True)
             spliced = output.tokens
             if output.finish_reason == "stop":
                 spliced = _tokens_within(decoder, output.tokens, text)

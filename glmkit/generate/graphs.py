@@ -3,7 +3,7 @@
 At batch 1 a decode step is hundreds of small kernels per token; launching them from Python costs more
 than the weights take to stream on a fast GPU. `StepGraphs` keeps, per (batch size, cache length), a KV
 cache and a captured decode step whose inputs are copied into fixed buffers before each replay. On CPU
-(or with `use_graphs=False`) the same fixed-shape step runs eagerly, which is what the tests check.
+(or with `use_graphs=False`) the same fixed-shape step runs eagerly, so every device decodes the same way.
 """
 from __future__ import annotations
 
@@ -42,12 +42,24 @@ class DecodeStep:
             self._capture()
 
     @property
+    def batch_size(self) -> int:
+        return self.pads.shape[0]
+
+    @property
     def allowed(self) -> torch.Tensor:
         """(b, 1, 1, length): the cache slots each row may attend to (its own tokens up to the current slot)."""
         return ((self.keys >= self.pads[:, None]) & (self.keys <= self.index))[:, None, None]
 
-    def _run(self) -> torch.Tensor:
+    def run_eager(self) -> torch.Tensor:
+        """The step on the current input buffers, launched op by op (what the graph recorded)."""
         return self.model(self.ids, self.positions, self.allowed, self.cache, self.index)[:, -1]
+
+    def replay(self) -> torch.Tensor:
+        """The step on the current input buffers: a graph replay where captured, else eager."""
+        if self.graph is None:
+            return self.run_eager()
+        self.graph.replay()
+        return self.logits
 
     def _capture(self) -> None:
         # Warm up on a side stream (allocator and library handles settle), then record the step. The
@@ -56,37 +68,40 @@ class DecodeStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):
-                self._run()
+                self.run_eager()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits = self._run()
+            self.logits = self.run_eager()
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, index: int, pads: torch.Tensor) -> torch.Tensor:
         """Logits (b, vocab) for tokens `ids` (b, 1) at `positions` (b, 1), written at cache slot `index`.
 
-        Row r attends to slots pads[r] .. index: its left padding is hidden.
+        Row r attends to slots pads[r] .. index: its left padding is hidden. `ids` may already be on the
+        device (the tokens just chosen there): then the step is queued without waiting for the host.
+        With graphs the logits are the step's fixed output buffer, overwritten by the next call.
         """
-        b = self.pads.shape[0]
+        b = self.batch_size
         staging = self.staging
         if self.copied is not None:
             self.copied.synchronize()  # the previous asynchronous copy has read the staging buffer
-        staging[:b] = ids.view(-1)
+        on_device = ids.device == self.inputs.device and ids.device.type != "cpu"
+        if not on_device:
+            staging[:b] = ids.view(-1)
         staging[b:2 * b] = positions.view(-1)
         staging[2 * b:3 * b] = pads
         staging[3 * b] = index
         self.inputs.copy_(staging, non_blocking=True)
+        if on_device:
+            self.inputs[:b].copy_(ids.view(-1))
         if self.copied is not None:
             self.copied.record()
-        if self.graph is None:
-            return self._run()
-        self.graph.replay()
-        return self.logits
+        return self.replay()
 
 
 class StepGraphs:
-    """The decode steps of one model, kept between calls; pass it to generation to decode with graphs."""
+    """The decode steps of one model, kept between calls (a Generator owns one)."""
 
     def __init__(self, model: GLM, use_graphs: bool | None = None):
         device = model.transformer.word_embeddings.weight.device

@@ -8,12 +8,12 @@ import torch
 
 from ..checkpoint import load_rank_state_dict
 from ..config import KitConfig, load_config
-from .graphs import StepGraphs
-from .blanks import GenerationResult, TextEvent, fill_blanks
 from ..model import GLM
 from ..quantization import convert_for_runtime
-from .sampling import GenerationSettings
 from ..tokenizer import GLMTokenizer
+from .blanks import GenerationResult, TextEvent
+from .request import Channel, GenerateRequest
+from .tokens import Generator
 
 
 def _check_device(device: str) -> torch.device:
@@ -46,7 +46,7 @@ def load_model(config: KitConfig, rank: int = 0, world_size: int = 1) -> GLM:
     if bits is not None:
         convert_for_runtime(model, bits)
     if world_size > 1:
-        from ..tensor_parallel import resize_for_rank
+        from ..parallel.transform import resize_for_rank
         resize_for_rank(model, world_size)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()
@@ -64,12 +64,14 @@ class GLMPipeline:
         if tokenizer.num_tokens > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.num_tokens} ids but the model's vocab_size is "
                              f"{model.config.vocab_size}: they do not belong together")
-        self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        # Captured decode steps live as long as the model; on CPU StepGraphs is not used (eager decode).
-        device = model.transformer.word_embeddings.weight.device
-        self.steps = StepGraphs(model) if device.type == "cuda" else None
+        # The generator's decode steps (CUDA graphs, KV caches) and kernels live as long as the model.
+        self.generator = Generator(model)
+
+    @property
+    def model(self) -> GLM:
+        return self.generator.model
 
     @classmethod
     def from_config(cls, config: str | Path | KitConfig = "glm-tiny", **overrides) -> "GLMPipeline":
@@ -80,17 +82,22 @@ class GLMPipeline:
             config = config.replace(**overrides)
         return cls(load_model(config), load_tokenizer(config), config)
 
-    def generate(self, prompts: str | list[str], *, on_text: Callable[[TextEvent], None] | None = None,
+    def generate(self, prompts: str | list[str] | GenerateRequest, *,
+                 on_text: Callable[[TextEvent], None] | None = None,
                  should_abort: Callable[[], bool] | None = None,
                  **kwargs) -> GenerationResult | list[GenerationResult]:
         """Fill the blanks of a prompt (or a list of prompts); keyword names follow HF `generate()`."""
-        settings = GenerationSettings.from_kwargs(**kwargs)
-        single = isinstance(prompts, str)
-        batch = [prompts] if single else list(prompts)
-        if not batch:
-            raise ValueError("no prompts given: pass a string or a non-empty list of strings")
-        results = fill_blanks(self.model, self.tokenizer, batch, settings, on_text, should_abort, self.steps)
-        return results[0] if single else results
+        request = prompts if isinstance(prompts, GenerateRequest) else self.request(prompts, **kwargs)
+        results = self.run(request, Channel(on_text, should_abort))
+        return results[0] if request.single else results
+
+    def request(self, prompts: str | list[str], **kwargs) -> GenerateRequest:
+        """The validated request of a generate() call (what the pipeline and the cluster both run)."""
+        return GenerateRequest.build(self.tokenizer, self.model.config.max_sequence_length, prompts, **kwargs)
+
+    def run(self, request, channel: Channel | None = None):
+        """Run any request kind here, as every engine of a cluster would (glmkit.generate.request)."""
+        return request.run(self, channel or Channel())
 
 
 def load(config: str | Path | KitConfig = "glm-tiny", **overrides) -> GLMPipeline:

@@ -1,8 +1,13 @@
-"""Token-level GLM generation: GLM attention masks and positions, a KV-cached decode loop, beam search.
+"""Token-level GLM generation: GLM attention masks and positions, and the one Generator that decodes.
 
 A `Context` is one sequence ending in `sop`. Everything before `sop` attends bidirectionally; from
 `sop` on attention is causal. For `[MASK]`/`[sMASK]` every position from `sop` on is pinned to the
-mask's position; for `[gMASK]` positions keep counting. Text-level blank filling lives in `infilling`.
+mask's position; for `[gMASK]` positions keep counting. Text-level blank filling lives in `blanks`.
+
+`Generator` owns a model, its fixed-shape decode steps (CUDA graphs and KV caches on a GPU) and the fused
+decode kernels, and runs prefill and decode: GLMPipeline, the cluster's engines and `glmkit bench` all decode
+through one. On a GPU it queues the next step before the host looks at the token just chosen (stop strings,
+streaming, the engines' stop check), so that host work overlaps the GPU instead of idling it.
 """
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from .graphs import DecodeStep, StepGraphs
 from ..model import GLM, KVCache
+from .graphs import DecodeStep, StepGraphs
 from .sampling import GenerationSettings, choose_next, processed_logits
 
 
@@ -38,7 +43,7 @@ class TokenOutput:
     """What one context produced: generated ids (no end token), why it stopped, optional logprobs."""
 
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "end" (eop/eos), "stop" (a stop string), or "length"
+    finish_reason: str = "length"  # "end" (eop/eos), "stop" (a stop string), "abort" or "length"
     logprobs: list[TokenLogprob] | None = None
 
 
@@ -91,180 +96,137 @@ def _make_generator(settings: GenerationSettings, device) -> torch.Generator | N
     return generator
 
 
-@torch.inference_mode()
-def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings,
-                    end_tokens: tuple[int, ...], stop: StopCheck | None = None,
-                    on_token: TokenCallback | None = None,
-                    should_abort: Callable[[], bool] | None = None,
-                    steps: StepGraphs | None = None, num_ids: int | None = None) -> list[TokenOutput]:
-    """Greedy or sampled generation for a batch of contexts, sharing one KV cache.
-
-    With `steps` (a StepGraphs of this model) decode steps have fixed shapes and replay CUDA graphs:
-    every row keeps its cache slot until the end. Without it, finished rows are dropped from the cache.
-    `num_ids` (the tokenizer's id count) keeps the padding rows of the vocabulary from being chosen.
-    """
-    if settings.num_beams > 1:
-        return [beam_search(model, c, settings, end_tokens, stop=stop, index=i, on_token=on_token,
-                            should_abort=should_abort, num_ids=num_ids) for i, c in enumerate(contexts)]
-    device = model.transformer.word_embeddings.weight.device
-    max_new = _room_for_new_tokens(model, contexts, settings)
-    ids, positions, allowed, pads = prefill_inputs(contexts, device)
-    length = ids.shape[1]
-    step_runner = steps.step_for(len(contexts), length + max_new) if steps is not None else None
-    cache = step_runner.cache if step_runner else KVCache.allocate(model, len(contexts), length + max_new)
-    logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1, :num_ids]  # (b, vocab)
-    generator = _make_generator(settings, device)
-    outputs = [TokenOutput(logprobs=[] if settings.wants_logprobs else None) for _ in contexts]
-    active = list(range(len(contexts)))  # context index of each row of `logits`
-    for step in range(max_new):
-        history = [list(contexts[i].tokens) + outputs[i].tokens for i in active]
-        produced = [outputs[i].tokens for i in active]
-        scores = processed_logits(logits, history, produced, step, settings, end_tokens)
-        chosen = choose_next(scores, settings, generator).tolist()
-        raw_log_probs = logits.float().log_softmax(dim=-1) if settings.wants_logprobs else None
-        still_active = []
-        for row, (index, token) in enumerate(zip(active, chosen)):
-            output = outputs[index]
-            if token in end_tokens:
-                output.finish_reason = "end"
-                continue
-            record = None
-            if raw_log_probs is not None:
-                record = _logprob_record(raw_log_probs[row], token, settings.top_logprobs)
-                output.logprobs.append(record)
-            output.tokens.append(token)
-            if on_token is not None:
-                on_token(index, token, record)
-            if stop is not None and stop(index, output.tokens):
-                output.finish_reason = "stop"
-                continue
-            still_active.append((row, index))
-        aborted = should_abort is not None and should_abort()
-        if aborted:
-            for _, index in still_active:
-                outputs[index].finish_reason = "abort"
-        if not still_active or aborted or step == max_new - 1:
-            break
-        start = length + step
-        if step_runner is not None:
-            logits = _static_step(step_runner, contexts, outputs, still_active, pads, start, step + 1)[:, :num_ids]
-        else:
-            rows = torch.tensor([row for row, _ in still_active], device=device)
-            if len(still_active) < len(active):
-                # Drop finished rows from the cache so later steps only compute live sequences.
-                cache.reorder(rows)
-                pads = pads[rows.cpu()]
-            live = [contexts[i] for _, i in still_active]
-            next_ids = torch.tensor([[chosen[row]] for row, _ in still_active], device=device)
-            step_positions = next_positions(live, step + 1)[:, None].to(device)
-            step_allowed = (torch.arange(start + 1)[None, :] >= pads[:, None])[:, None, None].to(device)
-            logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1, :num_ids]
-        active = [index for _, index in still_active]
-    return outputs
-
-
-def _static_step(step_runner: DecodeStep, contexts, outputs, still_active, pads, start: int,
-                 steps_done: int) -> torch.Tensor:
-    """One fixed-shape step over every row; rows that finished are fed a dummy token and ignored."""
-    ids = torch.zeros(len(contexts), 1, dtype=torch.long)
-    for _, index in still_active:
-        ids[index, 0] = outputs[index].tokens[-1]
-    positions = next_positions(contexts, steps_done)[:, None]
-    logits = step_runner(ids, positions, start, pads)  # (all rows, vocab)
-    if len(still_active) == len(contexts):
-        return logits  # every row still decoding (the common case): no gather
-    rows = torch.tensor([index for _, index in still_active], device=logits.device)
-    return logits.index_select(0, rows)
-
-
 def _room_for_new_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings) -> int:
     longest = max(len(c.tokens) for c in contexts)
     # sop is the last context token and already occupies one position of the budget.
     return max(1, min(settings.max_new_tokens, model.config.max_sequence_length - longest))
 
 
-@dataclass
-class _Beam:
-    tokens: list[int]
-    score: float
-    logprobs: list[TokenLogprob] | None
+class _HostCopy:
+    """Chosen token ids copied to the host without waiting for work queued after them (the next step)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.device.type == "cuda":
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = tokens, None
+
+    def tolist(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
-@torch.inference_mode()
-def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_tokens: tuple[int, ...],
-                stop: StopCheck | None = None, index: int = 0,
-                on_token: TokenCallback | None = None,
-                should_abort: Callable[[], bool] | None = None, num_ids: int | None = None) -> TokenOutput:
-    """Beam search over one context; the best hypothesis by length-normalised log probability.
+class Generator:
+    """Prefill and decode for a model: one object owning its decode steps, KV caches and fused kernels.
 
-    Tokens reach `on_token` only once the best beam is known. An abort ends the search at once and
-    returns the best hypothesis so far.
+    `use_graphs` (default: on a GPU) replays CUDA graphs of the fixed-shape decode step; `kernels` (default: on
+    a GPU) swaps glmkit's fused decode kernels into the model (glmkit.kernels). On the CPU the same steps run
+    eagerly. Every row of a batch keeps its cache slot until the call ends.
     """
-    device = model.transformer.word_embeddings.weight.device
-    num_beams = settings.num_beams
-    max_new = _room_for_new_tokens(model, [context], settings)
-    ids, positions, allowed, _ = prefill_inputs([context], device)
-    length = ids.shape[1]
-    cache = KVCache.allocate(model, 1, length + max_new)
-    logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1, :num_ids]
-    cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))
-    logits = logits.expand(num_beams, -1)
-    keep_logprobs = settings.wants_logprobs
-    # Only the first beam is live at the start, so the first step does not pick one token n times.
-    beams = [_Beam([], 0.0 if b == 0 else float("-inf"), [] if keep_logprobs else None)
-             for b in range(num_beams)]
-    finished: list[tuple[float, _Beam, str]] = []
 
-    def normalised(beam: _Beam, extra: int = 0) -> float:
-        return beam.score / (max(1, len(beam.tokens) + extra) ** settings.length_penalty)
+    def __init__(self, model: GLM, use_graphs: bool | None = None, kernels: bool | None = None):
+        self.model = model
+        self.device = model.transformer.word_embeddings.weight.device
+        if kernels if kernels is not None else self.device.type == "cuda":
+            from ..kernels import apply_decode_kernels
 
-    for step in range(max_new):
-        history = [list(context.tokens) + b.tokens for b in beams]
-        scores = processed_logits(logits, history, [b.tokens for b in beams], step, settings, end_tokens)
-        log_probs = scores.float().log_softmax(dim=-1)  # (beams, vocab)
-        raw = logits.float().log_softmax(dim=-1) if keep_logprobs else None
-        totals = torch.tensor([b.score for b in beams], device=device)[:, None] + log_probs
-        values, flat = torch.topk(totals.flatten(), 2 * num_beams)
-        survivors: list[tuple[int, _Beam]] = []
-        for value, position in zip(values.tolist(), flat.tolist()):
-            if value == float("-inf"):
+            apply_decode_kernels(model)
+        self.steps = StepGraphs(model, use_graphs)
+        # Queue step t+1 before reading token t on the host: only worth it where the GPU runs asynchronously.
+        self.lookahead = self.device.type == "cuda"
+
+    def prefill(self, contexts: list[Context], new_tokens: int, batch_size: int | None = None):
+        """(decode step, logits (b, vocab) of each context's sop, pads): the contexts' KV cache is filled.
+
+        `batch_size` larger than the contexts (beam search) gives a step with that many rows, of which the
+        first len(contexts) are filled.
+        """
+        ids, positions, allowed, pads = prefill_inputs(contexts, self.device)
+        length = ids.shape[1]
+        step = self.steps.step_for(batch_size or len(contexts), length + new_tokens)
+        cache = step.cache
+        if cache.batch_size != len(contexts):
+            cache = KVCache(cache.keys[:, :len(contexts)], cache.values[:, :len(contexts)])  # a view: writes land
+        slots = torch.arange(length, device=self.device)
+        with torch.inference_mode():
+            logits = self.model(ids, positions, allowed, cache, slots, last_only=True)[:, -1]  # (b, vocab)
+        return step, logits, pads
+
+    @torch.inference_mode()
+    def generate(self, contexts: list[Context], settings: GenerationSettings, end_tokens: tuple[int, ...],
+                 stop: StopCheck | None = None, on_token: TokenCallback | None = None,
+                 should_abort: Callable[[], bool] | None = None, num_ids: int | None = None) -> list[TokenOutput]:
+        """Greedy, sampled or beam-search generation for a batch of contexts, sharing one KV cache.
+
+        `num_ids` (the tokenizer's id count) keeps the padding rows of the vocabulary from being chosen.
+        """
+        if settings.num_beams > 1:
+            return [self._beam_search(c, settings, end_tokens, stop, i, on_token, should_abort, num_ids)
+                    for i, c in enumerate(contexts)]
+        max_new = _room_for_new_tokens(self.model, contexts, settings)
+        step, logits, pads = self.prefill(contexts, max_new)
+        length = max(len(c.tokens) for c in contexts)
+        generator = _make_generator(settings, self.device)
+        outputs = [TokenOutput(logprobs=[] if settings.wants_logprobs else None) for _ in contexts]
+        active = list(range(len(contexts)))
+        for t in range(max_new):
+            logits = logits[:, :num_ids]
+            history = [list(c.tokens) + o.tokens for c, o in zip(contexts, outputs)]
+            scores = processed_logits(logits, history, [o.tokens for o in outputs], t, settings, end_tokens)
+            chosen = choose_next(scores, settings, generator)  # (b,) on the device
+            # Read what this step's logits give before the next step overwrites its graph's output buffer.
+            raw_log_probs = logits.float().log_softmax(dim=-1) if settings.wants_logprobs else None
+            tokens = _HostCopy(chosen)
+            last = t == max_new - 1
+            queued = None
+            if self.lookahead and not last:
+                queued = step(chosen[:, None], next_positions(contexts, t + 1)[:, None], length + t, pads)
+            still_active = []
+            chosen_ids = tokens.tolist()
+            for index in active:
+                token, output = chosen_ids[index], outputs[index]
+                if token in end_tokens:
+                    output.finish_reason = "end"
+                    continue
+                record = None
+                if raw_log_probs is not None:
+                    record = _logprob_record(raw_log_probs[index], token, settings.top_logprobs)
+                    output.logprobs.append(record)
+                output.tokens.append(token)
+                if on_token is not None:
+                    on_token(index, token, record)
+                if stop is not None and stop(index, output.tokens):
+                    output.finish_reason = "stop"
+                    continue
+                still_active.append(index)
+            aborted = should_abort is not None and should_abort()
+            if aborted:
+                for index in still_active:
+                    outputs[index].finish_reason = "abort"
+            active = still_active
+            if not active or aborted or last:
                 break
-            source, token = divmod(position, log_probs.shape[1])
-            parent = beams[source]
-            records = None
-            if keep_logprobs:
-                records = parent.logprobs + [_logprob_record(raw[source], token, settings.top_logprobs)]
-            if token in end_tokens:
-                done = _Beam(parent.tokens, value, parent.logprobs)
-                finished.append((normalised(done, extra=1), done, "end"))
-                continue
-            beam = _Beam(parent.tokens + [token], value, records)
-            if stop is not None and stop(index, beam.tokens):
-                finished.append((normalised(beam), beam, "stop"))
-                continue
-            survivors.append((source, beam))
-            if len(survivors) == num_beams:
-                break
-        finished.sort(key=lambda item: item[0], reverse=True)
-        best_live = max((normalised(b) for _, b in survivors), default=float("-inf"))
-        enough = len(finished) >= num_beams and finished[num_beams - 1][0] >= best_live
-        aborted = should_abort is not None and should_abort()
-        if not survivors or enough or aborted or step == max_new - 1:
-            break
-        while len(survivors) < num_beams:  # pad with dead beams so the batch shape stays fixed
-            survivors.append((survivors[0][0], _Beam(survivors[0][1].tokens, float("-inf"), None)))
-        sources = torch.tensor([s for s, _ in survivors], device=device)
-        cache.reorder(sources)
-        beams = [b for _, b in survivors]
-        start = length + step
-        next_ids = torch.tensor([[b.tokens[-1]] for b in beams], device=device)
-        step_positions = next_positions([context] * num_beams, step + 1)[:, None].to(device)
-        step_allowed = torch.ones(num_beams, 1, 1, start + 1, dtype=torch.bool, device=device)
-        logits = model(next_ids, step_positions, step_allowed, cache, start)[:, -1, :num_ids]
-    live_reason = "abort" if aborted else "length"
-    candidates = finished + [(normalised(b), b, live_reason) for _, b in survivors if b.score > float("-inf")]
-    _, best, reason = max(candidates, key=lambda item: item[0])
-    if on_token is not None:
-        for i, token in enumerate(best.tokens):
-            on_token(index, token, best.logprobs[i] if best.logprobs else None)
-    return TokenOutput(tokens=list(best.tokens), finish_reason=reason, logprobs=best.logprobs)
+            if queued is None:
+                queued = step(chosen[:, None], next_positions(contexts, t + 1)[:, None], length + t, pads)
+            logits = queued
+        return outputs
+
+    def _beam_search(self, context: Context, settings: GenerationSettings, end_tokens: tuple[int, ...],
+                     stop: StopCheck | None, index: int, on_token: TokenCallback | None,
+                     should_abort: Callable[[], bool] | None, num_ids: int | None) -> TokenOutput:
+        from .beams import beam_search
+
+        return beam_search(self, context, settings, end_tokens, stop, index, on_token, should_abort, num_ids)
+
+
+def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings,
+                    end_tokens: tuple[int, ...], stop: StopCheck | None = None,
+                    on_token: TokenCallback | None = None, should_abort: Callable[[], bool] | None = None,
+                    num_ids: int | None = None) -> list[TokenOutput]:
+    """One call of a fresh eager Generator (tests and scripts); long-lived callers keep a Generator."""
+    return Generator(model, use_graphs=False, kernels=False).generate(
+        contexts, settings, end_tokens, stop=stop, on_token=on_token, should_abort=should_abort, num_ids=num_ids)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -46,7 +47,9 @@ def add_layernorm(norm: nn.LayerNorm, residual: torch.Tensor | None, branch: tor
             t is not None and t.requires_grad for t in (residual, branch, norm.weight, norm.bias))
         use_kernel = kernel_usable(branch) and not needs_grad
     if not use_kernel:
-        return norm(branch) if residual is None else norm(residual * alpha + branch)
+        hidden = branch if residual is None else residual * alpha + branch
+        # F.layer_norm rather than norm(...): `norm` may be the fused module whose forward called this.
+        return F.layer_norm(hidden, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     has_residual = residual is not None
     residual = branch if residual is None else residual  # a placeholder pointer; the kernel ignores it
     if residual.shape != branch.shape or residual.dtype != branch.dtype:

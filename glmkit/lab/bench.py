@@ -4,8 +4,8 @@ Decoding one token reads every weight once, so the floor of a decode step is wei
 bandwidth. `run_bench` builds a model of any GLMConfig with random weights directly on the device (a
 meta-device model, then one tensor at a time, so the host never holds it), optionally tensor-parallel
 over `tp` processes, measures the device's copy bandwidth, and times:
-  - the real generation path: `glmkit.generate.tokens.generate_tokens` with `glmkit.generate.graphs.StepGraphs`
-    (what GLMPipeline and the engines use on GPU), per generated token;
+  - the real generation path: `glmkit.generate.tokens.Generator` (what GLMPipeline and the engines decode
+    with), per generated token;
   - the fixed-shape decode step alone: CUDA-graph replays, and the same step launched eagerly, so the
     Python overhead of the generation loop and the launch overhead are both visible;
   - prefill of a prompt;
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from ..config import DTYPES, PRESETS, GLMConfig, check_precision, load_config
-from ..generate.graphs import DecodeStep, StepGraphs
-from ..generate.tokens import generate_tokens, prefill_inputs
+from ..generate.graphs import DecodeStep
+from ..generate.tokens import Generator, prefill_inputs
 from ..model import GLM
 from .random_model import build_random_model, random_contexts, weight_bytes
 from ..generate.sampling import GenerationSettings
@@ -57,7 +57,7 @@ RESULT_KEYS = {
     "read_bandwidth_gbs": "a read-only pass (sum reduction) over the same buffer, bytes read / time",
     "bandwidth_floor_ms": "weight_bytes_per_gpu / copy_bandwidth_gbs: no decode step can be faster",
     "prefill_ms": "batch-1 prefill of prompt_tokens tokens (model forward filling the KV cache)",
-    "ms_per_token": "batch-1 decode, real generation path (generate_tokens + StepGraphs), ms per token",
+    "ms_per_token": "batch-1 decode, real generation path (glmkit.generate.tokens.Generator), ms per token",
     "step_ms": "batch-1 decode step alone: CUDA-graph replay (eager on CPU), ms",
     "floor_fraction": "bandwidth_floor_ms / ms_per_token (1.0 = at the floor)",
     "floor_fraction_step": "bandwidth_floor_ms / step_ms",
@@ -186,7 +186,7 @@ def resolve_config(name_or_path: str, layers: int | None = None):
 
 # ----------------------------------------------------------------------------- measurements
 
-def _generation_intervals(model, contexts, new_tokens: int, steps: StepGraphs) -> tuple[list[float], list[int]]:
+def _generation_intervals(generator: Generator, contexts, new_tokens: int) -> tuple[list[float], list[int]]:
     """(ms between consecutive generated tokens, row 0's greedy tokens) of the real generation path."""
     stamps, tokens = [], []
 
@@ -196,30 +196,29 @@ def _generation_intervals(model, contexts, new_tokens: int, steps: StepGraphs) -
             tokens.append(int(token))
 
     settings = GenerationSettings(max_new_tokens=new_tokens)
-    generate_tokens(model, contexts, settings, end_tokens=(), on_token=on_token, steps=steps)
+    generator.generate(contexts, settings, end_tokens=(), on_token=on_token)
     if len(stamps) != new_tokens:
         raise RuntimeError(f"generation produced {len(stamps)} tokens, expected {new_tokens}")
     return [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])], tokens
 
 
 @torch.no_grad()
-def measure_batch(model: GLM, steps: StepGraphs, batch: int, options: BenchOptions, clock: Clock) -> dict:
+def measure_batch(generator: Generator, batch: int, options: BenchOptions, clock: Clock) -> dict:
     """Decode (generation path, graph replay, eager step) and prefill timings at one batch size."""
-    device = clock.device
+    device, model, steps = clock.device, generator.model, generator.steps
     steps.clear()
     free_cached(device)
     reset_peak(device)
     contexts = random_contexts(model.config, batch, options.prompt_tokens, options.seed + batch)
     step = steps.step_for(batch, options.prompt_tokens + options.new_tokens)  # the one generation will use
-    _, tokens = _generation_intervals(model, contexts, options.new_tokens, steps)  # warm-up (and graph capture)
+    _, tokens = _generation_intervals(generator, contexts, options.new_tokens)  # warm-up (and graph capture)
     intervals = []
     for _ in range(options.repeats):
-        intervals += _generation_intervals(model, contexts, options.new_tokens, steps)[0]
+        intervals += _generation_intervals(generator, contexts, options.new_tokens)[0]
     ms_per_token = statistics.median(intervals)
 
-    ids, positions, allowed, _ = prefill_inputs(contexts, device)
-    prefill = statistics.median(clock.time_ms(
-        lambda: model(ids, positions, allowed, step.cache, 0, last_only=True), options.repeats))
+    prefill = statistics.median(clock.time_ms(lambda: generator.prefill(contexts, options.new_tokens),
+                                              options.repeats))
 
     # The step's input buffers still hold the last generated token: replay it as is. Blocks of
     # new_tokens steps, so a block lasts long enough for event timing on a fast GPU.
@@ -231,7 +230,7 @@ def measure_batch(model: GLM, steps: StepGraphs, batch: int, options: BenchOptio
 
     def eager():
         for _ in range(block):
-            step._run()
+            step.run_eager()
 
     eager_ms = statistics.median(clock.time_ms(eager, options.repeats)) / block
     step_ms = statistics.median(clock.time_ms(replay, options.repeats)) / block if step.graph else eager_ms
@@ -278,7 +277,7 @@ def check_context(model: GLM, length: int, clock: Clock, seed: int) -> dict:
         step = DecodeStep(model, 1, length, use_graphs=False)
         contexts = random_contexts(model.config, 1, length - 1, seed)
         ids, positions, allowed, _ = prefill_inputs(contexts, device)
-        model(ids, positions, allowed, step.cache, 0, last_only=True)
+        model(ids, positions, allowed, step.cache, torch.arange(length - 1, device=device), last_only=True)
         step(ids[:, -1:], positions[:, -1:] + 1, length - 1, torch.zeros(1, dtype=torch.long))
         clock.sync()
         result = {"tokens": length, "fits": True, "peak_gpu_bytes": peak_bytes(device)}
@@ -334,7 +333,7 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
     weights = weight_bytes(model)
     floor_ms = weights / (bandwidth["copy_bandwidth_gbs"] * 1e6)
 
-    steps = StepGraphs(model, use_graphs=clock.cuda)
+    generator = Generator(model, use_graphs=clock.cuda)
     records = []
     with torch.no_grad():
         contexts = random_contexts(model.config, 1, options.prompt_tokens, options.seed + 1)
@@ -345,7 +344,7 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         del logits
     for batch in options.batches:
         _log(rank, f"batch {batch}: generation path, graph replay, eager step, prefill")
-        record = measure_batch(model, steps, batch, options, clock)
+        record = measure_batch(generator, batch, options, clock)
         record["collective_ms"] = record["collective_share"] = None
         if world_size > 1:
             record["collective_ms"] = collective_step_ms(options.config, batch, world_size, model.all_reduce,
@@ -358,7 +357,7 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
         record["floor_fraction"] = floor_ms / record["ms_per_token"]
 
     # Memory left for context at batch 1, after the weights and a batch-1 decode's workspace.
-    steps.clear()
+    generator.steps.clear()
     free_cached(device)
     one = DecodeStep(model, 1, 1, use_graphs=False).cache
     element = one.keys.element_size()
@@ -425,24 +424,24 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
 
 
 def _rank_main(rank: int, options: BenchOptions, port: int, result_path: str) -> None:
-    import torch.distributed as dist
+    from ..parallel.comm import init_process_groups
 
     sys.stdout = sys.stderr  # the parent prints the JSON; nothing else may reach stdout
-    cuda = torch.device(options.device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=options.tp)
+    device = torch.device(options.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    groups = init_process_groups(rank, options.tp, device, "127.0.0.1", port)
     try:
-        result = bench_process(options, rank, options.tp, dist.group.WORLD)
+        result = bench_process(options, rank, options.tp, groups.data)
         if rank == 0:
             Path(result_path).write_text(json.dumps(result))
-        dist.barrier()
+        torch.distributed.barrier(group=groups.control)
     finally:
         if options.against == "sat":
             from sat import mpu
             mpu.destroy_model_parallel()
-        dist.destroy_process_group()
+        groups.close()
 
 
 def check_can_run(options: BenchOptions) -> None:
@@ -466,7 +465,7 @@ def run_bench(options: BenchOptions) -> dict:
         return bench_process(options)
     import torch.multiprocessing as mp
 
-    from ..serve.engine import free_port
+    from ..parallel.comm import free_port
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "result.json"
         mp.spawn(_rank_main, args=(options, free_port(), str(path)), nprocs=options.tp, join=True)

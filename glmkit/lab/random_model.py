@@ -4,7 +4,7 @@ Two properties matter for a benchmark:
   - the host never holds the model: it is built on the meta device, then each parameter is drawn and
     filled on the device one tensor at a time;
   - the weights are the same model at every tensor-parallel size: each tensor is drawn whole from a seed
-    that depends only on its name, and a rank keeps its slice (`tensor_parallel.split_tensor`), so greedy
+    that depends only on its name, and a rank keeps its slice (`glmkit.parallel.layout.split_tensor`), so greedy
     output can be compared across TP sizes on the same weights.
 
 Scale. A linear weight drawn with a fixed std such as 0.02 has a gain of 0.02 * sqrt(fan_in): 2.2 at
@@ -26,7 +26,8 @@ from ..config import QUANTIZATION_BITS, GLMConfig
 from ..generate.tokens import Context
 from ..model import GLM
 from ..quantization import convert_for_runtime, quantize_weight
-from ..tensor_parallel import parallelize, resize_for_rank, split_tensor
+from ..parallel.transform import parallelize, resize_for_rank
+from ..parallel.layout import split_tensor
 
 LINEAR_GAIN = 0.5  # std * sqrt(fan_in) of every linear weight: well below the chaotic regime (> 1)
 EMBEDDING_STD = 0.02

@@ -328,7 +328,7 @@ def time_sat_decode(model, prompts: dict[int, list[Context]], new_tokens: int, r
     # SAT's layers need its model-parallel state even at size 1, and that needs a process group.
     own_group = not dist.is_initialized()
     if own_group:
-        from ..serve.engine import free_port
+        from ..parallel.comm import free_port
         init_distributed(0, 1, free_port(), "nccl" if torch.device(device).type == "cuda" else "gloo")
     else:
         init_model_parallel(world_size)

@@ -99,7 +99,7 @@ def collective_step_ms(config, batch: int, world_size: int, all_reduce, dtype: t
     A step all-reduces the (batch, 1, hidden) activations after the embedding and after both row-parallel
     linears of every layer, and all-gathers the vocab-parallel logits. Decoding runs them in series with the
     compute, so this time over the step's is their share of it. `all_reduce` is the model's own
-    (tensor_parallel.AllReduce). Every rank must call this together.
+    (glmkit.parallel.comm.AllReduce). Every rank must call this together.
     """
     import torch.distributed as dist
 

@@ -4,13 +4,13 @@
         print(cluster.generate("def [MASK](x):", max_new_tokens=8).text)
 
 Ranks are assigned from the engines' ids after connecting (sorted), GPUs from the order of a host's engines
-among those ids. Every call runs on all engines in lockstep and has a timeout; a stop request (`stop()`, a
-KeyboardInterrupt, `should_abort`) is handed to rank 0 through the process group's TCP store and takes
-effect at the next token on every rank, so no collective is left waiting.
+among those ids. Every call is one request (glmkit.generate.request), validated here and run by all engines
+in lockstep through one path, `call()`, with a timeout; rank 0 streams events back as deltas. A stop request
+(`stop()`, a KeyboardInterrupt, `should_abort`) is handed to rank 0 through the process group's TCP store and
+takes effect at the next token on every rank, so no collective is left waiting.
 """
 from __future__ import annotations
 
-import random
 import socket
 import threading
 import time
@@ -27,11 +27,13 @@ import torch.distributed as dist
 
 from . import engine
 from ..config import KitConfig, load_config
-from ..generate.blanks import GenerationResult, TextEvent, plan_prompt
-from ..generate.sampling import GenerationSettings
+from ..generate.blanks import GenerationResult, TextEvent
+from ..generate.request import GenerateRequest
 from ..tokenizer import GLMTokenizer
 
 POLL_S = 0.05
+# A streamed batch may still be on its way (IOPub) when the result (another socket) has arrived.
+LATE_EVENTS_WAIT_S = 5.0
 
 
 class EngineDiedError(RuntimeError):
@@ -66,6 +68,7 @@ class GLMCluster:
         self._call_id: str | None = None
         self._lock = threading.RLock()  # guards the ipyparallel client, which is not thread-safe
         self.last_results: list[GenerationResult] | None = None
+        self.load_results: list | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -141,19 +144,21 @@ class GLMCluster:
         self._store = dist.TCPStore(store_host, port, world, is_master=False,
                                     timeout=timedelta(seconds=self.start_timeout), wait_for_workers=False)
 
-    def load(self, config: str | Path | KitConfig) -> pd.DataFrame:
-        """Load `config`'s checkpoint: each engine reads only its own shard. Shows a progress bar."""
+    def load(self, config: str | Path | KitConfig, weights=None) -> pd.DataFrame:
+        """Load `config`'s checkpoint: each engine reads only its own shard. Shows a progress bar.
+
+        `weights`, a request that installs a model on every engine (e.g. the benchmark's random weights),
+        replaces reading the checkpoint; what each rank's load returned is kept in `load_results`.
+        """
         from tqdm.auto import tqdm
 
         self.config = load_config(config) if isinstance(config, (str, Path)) else config
         if self._client is None:
             self.start()
         self._tokenizer = GLMTokenizer.load(self.config.tokenizer)  # notebook-side, for prompt checks
-        with self._lock:
-            pending = [self._client[r["engine"]].apply_async(
-                engine.call_worker, ipp.Reference(engine.WORKER_NAME), "load", self.config) for r in self._ranks]
-            with tqdm(total=len(pending), desc=f"loading {self.config.name} shards", unit="shard") as bar:
-                self._wait_all(pending, self.call_timeout, "loading", on_done=lambda: bar.update(1))
+        with tqdm(total=self.world_size, desc=f"loading {self.config.name} shards", unit="shard") as bar:
+            self.load_results = self.call(weights or engine.LoadRequest(self.config), timeout=self.call_timeout,
+                                          on_progress=lambda done: bar.update(done - bar.n))
         return self.status()
 
     def close(self) -> None:
@@ -211,7 +216,7 @@ class GLMCluster:
             row = {"engine": r["engine"], "host": r["host"], "pid": r["pid"], "alive": alive}
             if alive is not False:
                 row.update(self._client[r["engine"]].apply_sync(
-                    engine.call_worker, ipp.Reference(engine.WORKER_NAME), "status"))
+                    engine.run_request, ipp.Reference(engine.WORKER_NAME), "status", engine.StatusRequest()))
             rows.append(row)
         return rows
 
@@ -221,69 +226,66 @@ class GLMCluster:
         if call_id is not None and self._store is not None:
             self._store.set(engine.abort_key(call_id), "1")
 
-    def generate(self, prompts: str | list[str], *, on_text: Callable[[TextEvent], None] | None = None,
+    def request(self, prompts: str | list[str], **kwargs) -> GenerateRequest:
+        """The validated request of a generate() call; bad input fails here, before any engine works."""
+        return GenerateRequest.build(self.tokenizer, self.config.model.max_sequence_length, prompts, **kwargs)
+
+    def generate(self, prompts: str | list[str] | GenerateRequest, *,
+                 on_text: Callable[[TextEvent], None] | None = None,
                  should_abort: Callable[[], bool] | None = None, timeout: float | None = None,
                  **kwargs) -> GenerationResult | list[GenerationResult]:
         """Fill blanks on all engines in lockstep (same keywords as GLMPipeline.generate); rank 0's result."""
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        kwargs = self._checked(batch, kwargs)
-        holder: dict = {}
-        with self._lock:  # one call at a time, also from widget threads: engines run calls in order
-            run = self._run(batch, kwargs, should_abort, timeout or self.call_timeout, holder)
-            try:
-                for event in run:
-                    if on_text is not None:
-                        on_text(event)
-            finally:
-                # An exception in the callback (a KeyboardInterrupt, say) must still stop the engines:
-                # closing the generator runs its cleanup now, not whenever it is collected.
-                run.close()
-        results = holder["results"]
-        return results[0] if isinstance(prompts, str) else results
+        request = prompts if isinstance(prompts, GenerateRequest) else self.request(prompts, **kwargs)
+        results = self.call(request, on_event=on_text, should_abort=should_abort, timeout=timeout)
+        return results[0] if request.single else results
 
     def stream(self, prompts: str | list[str], *, should_abort: Callable[[], bool] | None = None,
                timeout: float | None = None, **kwargs) -> Iterator[TextEvent]:
         """Yield TextEvents as engines generate; the results are in `last_results` afterwards."""
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
-        kwargs = self._checked(batch, kwargs)
+        request = self.request(prompts, **kwargs)
         holder: dict = {}
         with self._lock:
-            yield from self._run(batch, kwargs, should_abort, timeout or self.call_timeout, holder)
-            self.last_results = holder["results"]
+            yield from self._events(request, should_abort, timeout, holder)
+        self.last_results = holder["result"]
 
-    def _checked(self, batch: list[str], kwargs: dict) -> dict:
-        # Validate here, before any engine works: bad input gets the same clear errors as in-process.
-        if not batch:
-            raise ValueError("no prompts given: pass a string or a non-empty list of strings")
-        settings = GenerationSettings.from_kwargs(**kwargs)
-        for prompt in batch:
-            plan_prompt(self.tokenizer, prompt, self.config.model.max_sequence_length)
-        if settings.seed is None and not settings.greedy:
-            # Every rank must draw the same samples, so an unseeded call still gets one shared seed.
-            kwargs = {**kwargs, "seed": random.randrange(2**31)}
-        return kwargs
+    def call(self, request, *, on_event: Callable | None = None, should_abort: Callable[[], bool] | None = None,
+             timeout: float | None = None, on_progress: Callable[[int], None] | None = None):
+        """Run any request kind on every engine (glmkit.generate.request); its reduction says what comes back:
+        rank 0's result, or a list with every rank's. Streamed events go to `on_event` as they arrive."""
+        holder: dict = {}
+        with self._lock:  # one call at a time, also from widget threads: engines run calls in order
+            events = self._events(request, should_abort, timeout, holder, on_progress)
+            try:
+                for event in events:
+                    if on_event is not None:
+                        on_event(event)
+            finally:
+                # An exception in the callback (a KeyboardInterrupt, say) must still stop the engines:
+                # closing the generator runs its cleanup now, not whenever it is collected.
+                events.close()
+        return holder["result"]
 
-    def _run(self, batch, kwargs, should_abort, timeout, holder: dict) -> Iterator[TextEvent]:
+    def _events(self, request, should_abort, timeout, holder: dict, on_progress=None) -> Iterator:
+        timeout = self.call_timeout if timeout is None else timeout
         call_id = uuid.uuid4().hex
         self._call_id = call_id
         view = self._client[[r["engine"] for r in self._ranks]]
-        ar = view.apply_async(engine.call_worker, ipp.Reference(engine.WORKER_NAME), "generate",
-                              call_id, batch, kwargs)
-        emitted, deadline, stopping = 0, time.monotonic() + timeout, False
+        ar = view.apply_async(engine.run_request, ipp.Reference(engine.WORKER_NAME), call_id, request)
+        received, deadline, stopping = 0, time.monotonic() + timeout, False
         try:
             while not ar.ready():
-                data = ar.data[0] if ar.data else None
-                if data and data.get("call") == call_id:
-                    events = data["events"]
-                    yield from events[emitted:]
-                    emitted = max(emitted, len(events))
+                for batch in self._new_batches(ar, call_id, received):
+                    received += 1
+                    yield from batch
+                if on_progress is not None:
+                    on_progress(ar.progress)
                 if not stopping and should_abort is not None and should_abort():
                     self.stop()
                     stopping = True
                 self._check_alive()
                 if time.monotonic() > deadline:
                     if stopping:
-                        raise ClusterTimeoutError(f"generation did not stop within {timeout:.0f} s; the engines "
+                        raise ClusterTimeoutError(f"the call did not stop within {timeout:.0f} s; the engines "
                                                   f"may be stuck: call cluster.restart()")
                     self.stop()
                     stopping, deadline = True, time.monotonic() + min(30.0, timeout)
@@ -295,23 +297,44 @@ class GLMCluster:
             self._finish_quietly(ar)
             self._call_id = None
             raise
-        results, events = self._result(ar)
-        holder["results"] = results
+        values = self._values(ar)
         self._call_id = None
-        yield from events[emitted:]
+        if on_progress is not None:
+            on_progress(len(values))
+        if request.reduction == "all":
+            holder["result"] = values
+            return
+        result, published, tail = values[0]
+        late = time.monotonic() + LATE_EVENTS_WAIT_S
+        while received < published and time.monotonic() < late:
+            batches = list(self._new_batches(ar, call_id, received))
+            for batch in batches:
+                received += 1
+                yield from batch
+            if not batches:
+                time.sleep(POLL_S / 5)
+        holder["result"] = result
+        yield from tail
 
-    def _result(self, ar):
+    @staticmethod
+    def _new_batches(ar, call_id: str, received: int) -> Iterator[list]:
+        """Event batches rank 0 published since the `received`-th, in order (each is sent once: deltas)."""
+        data = ar.data[0] if ar.data else None
+        while data and engine.batch_key(call_id, received) in data:
+            yield data[engine.batch_key(call_id, received)]
+            received += 1
+
+    def _values(self, ar) -> list:
         try:
-            values = ar.get(timeout=0)
+            return ar.get(timeout=0)
         except ipp.error.CompositeError as error:
             self._check_alive()
-            raise RuntimeError(f"generation failed on the engines: {error.elist[0][0]}: {error.elist[0][1]}") from None
+            raise RuntimeError(f"the call failed on the engines: {error.elist[0][0]}: {error.elist[0][1]}") from None
         except ipp.error.RemoteError as error:
             self._check_alive()
-            raise RuntimeError(f"generation failed on an engine: {error.ename}: {error.evalue}") from None
+            raise RuntimeError(f"the call failed on an engine: {error.ename}: {error.evalue}") from None
         finally:
             self._client.purge_local_results(ar)
-        return values[0]
 
     def _finish_quietly(self, ar, grace: float = 30.0) -> None:
         try:

@@ -1,29 +1,34 @@
 """Engine side of the cluster: one tensor-parallel rank kept resident in an ipyparallel engine.
 
-The notebook (`glmkit.serve.cluster`) creates one `ShardWorker` per engine and then calls its methods on every
-engine at once. Ranks stay in lockstep because each makes the same calls in the same order; the only
-decision that could differ between ranks, whether to stop early, is taken by rank 0 and broadcast.
+The notebook (`glmkit.serve.cluster`) creates one `ShardWorker` per engine, then sends every call to all
+engines at once as one request (glmkit.generate.request): each rank runs `request.run(worker, channel)` on
+its shard. Ranks stay in lockstep because they run the same request in the same order; the only decision
+that could differ between ranks, whether to stop early, is taken by rank 0 and broadcast. What travels back
+follows the request's declared reduction: rank 0's result, or every rank's.
 """
 from __future__ import annotations
 
 import os
 import socket
 import time
-from datetime import timedelta
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from ..config import KitConfig
-from ..generate.graphs import StepGraphs
-from ..generate.blanks import TextEvent, fill_blanks
 from ..generate.pipeline import load_model, load_tokenizer
-from ..generate.sampling import GenerationSettings
-from ..tensor_parallel import parallelize
+from ..generate.request import Channel
+from ..generate.tokens import Generator
+from ..parallel.comm import free_port, init_process_groups
+from ..parallel.transform import parallelize
+
+__all__ = ["ShardWorker", "LoadRequest", "StatusRequest", "describe_engine", "free_port", "run_request"]
 
 # The name the worker is stored under in each engine's namespace (ipyparallel `Reference` target).
 WORKER_NAME = "_glmkit_worker"
-# Streamed events are published at most this often; the last ones also come back with the result.
+# Streamed events are published at most this often (rank 0); the rest come back with the result.
 PUBLISH_INTERVAL_S = 0.05
 
 
@@ -33,36 +38,66 @@ def describe_engine() -> dict:
             "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on this engine's host, for the rank-0 rendezvous store."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def abort_key(call_id: str) -> str:
     return f"glmkit/abort/{call_id}"
 
 
-def call_worker(worker: "ShardWorker", method: str, *args, **kwargs):
-    """Run `worker.method(*args, **kwargs)` (sent to engines with an ipyparallel Reference to the worker)."""
-    return getattr(worker, method)(*args, **kwargs)
+def batch_key(call_id: str, number: int) -> str:
+    """The datapub key of a call's `number`-th batch of streamed events."""
+    return f"{call_id}/{number}"
+
+
+def run_request(worker: "ShardWorker", call_id: str, request):
+    """Run `request` on this engine's shard (sent to every engine with an ipyparallel Reference to the worker)."""
+    return worker.handle(call_id, request)
 
 
 def _publish(data: dict) -> None:
     try:
         from ipyparallel.datapub import publish_data
-    except ImportError:  # pragma: no cover - ipyparallel is a dependency
-        return
-    try:
+
         publish_data(data)
     except Exception:
         # Outside an engine (a plain process in tests) there is no IOPub channel to publish on.
         pass
 
 
+class EngineChannel(Channel):
+    """A request's channel on an engine: rank 0 streams its events to the notebook in batches (deltas, each
+    published once under its own key), and every rank follows rank 0's reading of the notebook's stop."""
+
+    def __init__(self, worker: "ShardWorker", call_id: str):
+        super().__init__()
+        self.worker, self.call_id = worker, call_id
+        self.pending: list = []
+        self.published = 0  # batches sent so far
+        self.last_publish = time.perf_counter()
+
+    @property
+    def streaming(self) -> bool:
+        return self.worker.rank == 0
+
+    def emit(self, event) -> None:
+        self.pending.append(event)
+        now = time.perf_counter()
+        if now - self.last_publish >= PUBLISH_INTERVAL_S:
+            _publish({batch_key(self.call_id, self.published): self.pending})
+            self.pending, self.published, self.last_publish = [], self.published + 1, now
+
+    def should_abort(self) -> bool:
+        # Rank 0 looks for the notebook's stop request in the store; everyone follows its verdict at the same
+        # step. The broadcast runs on the gloo control group: host work, overlapping the queued GPU step.
+        worker = self.worker
+        flag = torch.zeros(1, dtype=torch.int32)
+        if worker.rank == 0 and worker.groups.store.check([abort_key(self.call_id)]):
+            flag.fill_(1)
+        if worker.world_size > 1:
+            dist.broadcast(flag, src=0, group=worker.groups.control)
+        return bool(flag.item())
+
+
 class ShardWorker:
-    """Holds one rank's model shard, its tokenizer and its process group between calls."""
+    """Holds one rank's model shard (in a Generator), its tokenizer and its process groups between calls."""
 
     def __init__(self, rank: int, world_size: int, device: str, store_host: str, store_port: int,
                  timeout_s: float = 300.0, env: dict | None = None):
@@ -78,31 +113,38 @@ class ShardWorker:
         else:
             # CPU engines share the host's cores: each using all of them makes every rank slower.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        timeout = timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(store_host, store_port, world_size, is_master=rank == 0, timeout=timeout,
-                                   wait_for_workers=False)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if dist.is_initialized():
-            # A previous worker in this engine process left its group: replace it.
-            dist.destroy_process_group()
-        dist.init_process_group(backend, store=self.store, rank=rank, world_size=world_size, timeout=timeout)
-        self.group = dist.group.WORLD
-        self.model = None
-        self.steps: StepGraphs | None = None
+        self.groups = init_process_groups(rank, world_size, self.device, store_host, store_port, timeout_s)
+        self.generator: Generator | None = None
         self.tokenizer = None
         self.config: KitConfig | None = None
         self.load_seconds = 0.0
 
+    @property
+    def model(self):
+        return None if self.generator is None else self.generator.model
+
+    def handle(self, call_id: str, request):
+        """Run one request on this shard; what it returns follows the request's reduction."""
+        if getattr(request, "needs_model", True) and self.generator is None:
+            raise RuntimeError("no model loaded on this engine: call cluster.load(config) first")
+        channel = EngineChannel(self, call_id)
+        result = request.run(self, channel)
+        if request.reduction == "all":
+            return result
+        return (result, channel.published, channel.pending) if self.rank == 0 else None
+
+    def install(self, model, tokenizer, config: KitConfig | None = None) -> None:
+        """Make `model` (this rank's shard, already parallelized) the one requests run on."""
+        self.generator = Generator(model)
+        self.tokenizer, self.config = tokenizer, config
+
     def load(self, config: KitConfig) -> dict:
         """Load this rank's shard of `config`'s checkpoint (repacked on the fly) onto this engine's device."""
         started = time.perf_counter()
-        self.model = self.steps = None  # free the previous model (and its graphs) before loading the next
+        self.generator = None  # free the previous model (and its graphs) before loading the next
         config = config.replace(device=str(self.device))
         model = load_model(config, self.rank, self.world_size)
-        self.model = parallelize(model, self.rank, self.world_size, self.group)
-        self.steps = StepGraphs(self.model) if self.device.type == "cuda" else None
-        self.tokenizer = load_tokenizer(config)
-        self.config = config
+        self.install(parallelize(model, self.rank, self.world_size, self.groups.data), load_tokenizer(config), config)
         self.load_seconds = time.perf_counter() - started
         return self.status()
 
@@ -122,39 +164,32 @@ class ShardWorker:
             info["parameters_local"] = sum(p.numel() for p in self.model.parameters())
         return info
 
-    def _should_abort(self, call_id: str) -> bool:
-        # Rank 0 looks for the notebook's stop request; everyone follows its verdict at the same step.
-        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        if self.rank == 0 and self.store.check([abort_key(call_id)]):
-            flag.fill_(1)
-        if self.world_size > 1:
-            dist.broadcast(flag, src=0, group=self.group)
-        return bool(flag.item())
-
-    def generate(self, call_id: str, prompts: list[str], kwargs: dict):
-        """Fill the prompts' blanks in lockstep; rank 0 streams events and returns (results, events)."""
-        if self.model is None:
-            raise RuntimeError("no model loaded on this engine: call cluster.load(config) first")
-        settings = GenerationSettings.from_kwargs(**kwargs)
-        events: list[TextEvent] = []
-        last_publish = [0.0]
-
-        def collect(event: TextEvent) -> None:
-            events.append(event)
-            now = time.perf_counter()
-            if now - last_publish[0] >= PUBLISH_INTERVAL_S:
-                _publish({"call": call_id, "events": list(events)})
-                last_publish[0] = now
-
-        results = fill_blanks(self.model, self.tokenizer, prompts, settings,
-                              on_text=collect if self.rank == 0 else None,
-                              should_abort=lambda: self._should_abort(call_id), steps=self.steps)
-        return (results, events) if self.rank == 0 else None
-
     def close(self) -> None:
-        """Release the model and leave the process group."""
-        self.model = self.steps = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Release the model and leave the process groups."""
+        self.generator = None
+        self.groups.close()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Load `config`'s checkpoint on every engine, each its own shard; every rank's status comes back."""
+
+    config: KitConfig
+    reduction: ClassVar[str] = "all"
+    needs_model: ClassVar[bool] = False
+
+    def run(self, worker: ShardWorker, channel: Channel) -> dict:
+        return worker.load(self.config)
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """Every engine's status row."""
+
+    reduction: ClassVar[str] = "all"
+    needs_model: ClassVar[bool] = False
+
+    def run(self, worker: ShardWorker, channel: Channel) -> dict:
+        return worker.status()

@@ -31,7 +31,7 @@ import torch
 from glmkit import load_config
 from glmkit.checkpoint import (expected_shapes, inspect_checkpoint, load_rank_state_dict, read_shard,
                                repack_checkpoint)
-from glmkit.tensor_parallel import shard_style
+from glmkit.parallel.layout import shard_style
 
 config = load_config(CONFIG)
 work = Path(WORKDIR) if WORKDIR else Path(tempfile.mkdtemp(prefix="glmkit-repack-"))
@@ -55,7 +55,7 @@ describe(config.checkpoint)"""),
     md("""\
 ## How each parameter is split
 
-The parameter names are SAT's. One table in `glmkit.tensor_parallel` says how each is split across ranks —
+The parameter names are SAT's. One table in `glmkit.parallel.layout` says how each is split across ranks —
 the same table drives loading, repacking and the live tensor-parallel model:
 
 - `vocab` / `column`: split along the output rows (whole attention heads stay together);

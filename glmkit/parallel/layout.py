@@ -1,7 +1,7 @@
 """Tensor-parallel layout of GLM parameters: one table of per-parameter styles, and tensor split/merge/reshard.
 
-The same table drives checkpoint loading, offline repacking and sharding a live model (`resize_for_rank`,
-`parallelize`). The process group is always passed in explicitly; there is no global parallel state.
+The same table drives checkpoint loading, offline repacking and sharding a live model
+(`glmkit.parallel.transform`).
 
 Styles (Megatron layout, see GLM-NOTES.md):
   vocab       split dim 0 (rows of the embedding are vocabulary entries)
@@ -22,11 +22,6 @@ import re
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
-
-from .quantization import quantized_matmul
 
 # Order does not matter: every name matches at most one pattern. `{i}` stands for a layer index.
 SHARD_TABLE: tuple[tuple[str, str], ...] = (
@@ -73,7 +68,7 @@ def shard_style(name: str) -> str:
     if style is not None:
         return style
     raise ValueError(f"no tensor-parallel style for parameter {name!r}; it is not a GLM parameter name "
-                     f"(add a pattern to glmkit.tensor_parallel.SHARD_TABLE if it should be one)")
+                     f"(add a pattern to glmkit.parallel.layout.SHARD_TABLE if it should be one)")
 
 
 def _split_dim(style: str) -> int | None:
@@ -174,164 +169,3 @@ def reshard(name: str, tensors: Sequence[torch.Tensor], new_world_size: int) -> 
     n = len(tensors)
     return [reshard_tensor(name, [tensors[j] for j in source_ranks(r, new_world_size, n)], n, r, new_world_size)
             for r in range(new_world_size)]
-
-
-# --- live models: the plain GLM with per-rank weights plus the collectives Megatron's layout needs ---
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return model.get_submodule(path), attr
-
-
-def resize_for_rank(model: nn.Module, world_size: int) -> nn.Module:
-    """Give a meta-device model per-rank parameter shapes, so a rank's state dict loads with assign=True."""
-    for name, param in list(model.named_parameters()):
-        shape = shard_shape(name, param.shape, world_size)
-        if shape != tuple(param.shape):
-            parent, attr = _parent(model, name)
-            setattr(parent, attr, nn.Parameter(torch.empty(shape, dtype=param.dtype, device=param.device),
-                                               requires_grad=False))
-    return model
-
-
-def shard_model(model: nn.Module, rank: int, world_size: int) -> nn.Module:
-    """Slice a loaded full model's weights in place down to rank `rank` of `world_size`."""
-    for name, param in list(model.named_parameters()):
-        shard = split_tensor(name, param.data, rank, world_size)
-        if shard.shape != param.shape:
-            parent, attr = _parent(model, name)
-            setattr(parent, attr, nn.Parameter(shard.clone(), requires_grad=False))
-    return model
-
-
-# Activations up to this size are summed by one-shot peer reads over NVLink instead of NCCL: a decode step
-# all-reduces (batch, 1, hidden) twice a layer, and NCCL's latency for such small messages (about 20 us
-# inside a CUDA graph on 4 H200s) made up a fifth of a 70-layer TP=4 step.
-SYMMETRIC_MAX_BYTES = 1 << 20
-
-
-class AllReduce:
-    """In-place sum over the ranks of `group`: torch symmetric memory (one shot) for small GPU tensors, else NCCL.
-
-    Creating it is collective (every rank of `group` must create one together). Symmetric memory is used
-    only if every rank could set it up, so the ranks never disagree on which collective to call.
-    """
-
-    def __init__(self, group, device: torch.device, dtype: torch.dtype, symmetric: bool = True,
-                 max_bytes: int = SYMMETRIC_MAX_BYTES):
-        self.group = group
-        self.buffer = None
-        if symmetric and device.type == "cuda" and dist.get_world_size(group) > 1:
-            self.buffer = self._symmetric_buffer(group, device, dtype, max_bytes)
-            agreed = torch.tensor([self.buffer is not None], dtype=torch.int32, device=device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
-            if not agreed.item():
-                self.buffer = None
-
-    @staticmethod
-    def _symmetric_buffer(group, device, dtype, max_bytes):
-        try:
-            from torch.distributed import _symmetric_memory as symm_mem
-
-            if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
-                return None
-            buffer = symm_mem.empty(max_bytes // torch.empty(0, dtype=dtype).element_size(), dtype=dtype,
-                                    device=device)
-            symm_mem.rendezvous(buffer, group.group_name)
-            # A first sum, which also tells whether this torch has the op for `dtype` (torch 2.11 has it for
-            # fp32 and bf16, not fp16). A missing dtype fails in dispatch, on every rank alike, before any
-            # rank waits for another.
-            probe = buffer[:8]
-            probe.fill_(1)
-            torch.ops.symm_mem.one_shot_all_reduce_out(probe, "sum", group.group_name, torch.empty_like(probe))
-            return buffer
-        except Exception as error:  # no peer access, an older torch, a dtype without the op: NCCL serves
-            print(f"glmkit: symmetric-memory all-reduce unavailable ({error}); using NCCL", flush=True)
-            return None
-
-    @property
-    def symmetric(self) -> bool:
-        return self.buffer is not None
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        buffer = self.buffer
-        if (buffer is not None and tensor.dtype == buffer.dtype and tensor.is_contiguous()
-                and tensor.numel() <= buffer.numel()):
-            flat = tensor.view(-1)
-            staged = buffer[:flat.numel()]
-            staged.copy_(flat)
-            torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group.group_name, flat)
-        else:
-            dist.all_reduce(tensor, group=self.group)
-        return tensor
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Embedding rows of one vocab slice: out-of-slice ids give zeros, and an all-reduce sums the ranks."""
-
-    def __init__(self, weight: nn.Parameter, rank: int, all_reduce: AllReduce):
-        super().__init__()
-        self.weight = weight  # (vocab/tp, h); the name keeps SAT's state-dict key
-        self.rank, self.all_reduce = rank, all_reduce
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weight.shape[0]
-        local = input_ids - self.rank * rows
-        outside = (local < 0) | (local >= rows)
-        hidden = F.embedding(local.masked_fill(outside, 0), self.weight)  # (b, s, h)
-        hidden = hidden.masked_fill(outside[..., None], 0)
-        return self.all_reduce(hidden)
-
-
-class RowParallelLinear(nn.Module):
-    """A linear layer whose input features are split: partial products are summed, then the bias added once.
-
-    Wraps an nn.Linear or a glmkit.quantization.QuantizedLinear. It adopts the layer's parameters under their
-    own names (weight, bias, and weight_scale when quantized) so state-dict keys stay SAT's, rather than
-    holding the layer as a child (which would rename them) or beside itself (which would alias parameters
-    that `load_state_dict(assign=True)` or `.to()` may replace).
-    """
-
-    def __init__(self, linear: nn.Module, all_reduce: AllReduce):
-        super().__init__()
-        for name, param in linear.named_parameters(recurse=False):
-            self.register_parameter(name, param)  # weight (out, in/tp) [int8 (out, in*bits/8/tp)], bias (out)
-        self.bits = getattr(linear, "bits", None)  # None: a plain float weight
-        self.all_reduce = all_reduce
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bits is None:
-            partial = F.linear(x, self.weight)
-        else:
-            partial = quantized_matmul(x, self.weight, self.weight_scale, self.bits)  # no bias yet
-        return self.all_reduce(partial) + self.bias
-
-
-def _gather_logits(group, world_size):
-    def hook(module, args, logits):  # (b, s, vocab/tp) -> (b, s, vocab)
-        pieces = [torch.empty_like(logits) for _ in range(world_size)]
-        dist.all_gather(pieces, logits.contiguous(), group=group)
-        return torch.cat(pieces, dim=-1)
-    return hook
-
-
-def parallelize(model: nn.Module, rank: int, world_size: int, group=None,
-                symmetric_all_reduce: bool = True) -> nn.Module:
-    """Add the collectives to a model holding rank `rank`'s weights, so it computes the full model's logits.
-
-    Collective on GPUs (sets up the shared AllReduce): every rank calls it together. The AllReduce is kept
-    as `model.all_reduce` (benchmarks time it alone); `symmetric_all_reduce=False` keeps NCCL for all sizes.
-    """
-    if world_size == 1:
-        return model
-    transformer = model.transformer
-    weight = transformer.word_embeddings.weight
-    group = group if group is not None else dist.group.WORLD
-    all_reduce = AllReduce(group, weight.device, weight.dtype, symmetric=symmetric_all_reduce)
-    model.all_reduce = all_reduce
-    transformer.word_embeddings = VocabParallelEmbedding(weight, rank, all_reduce)
-    for layer in transformer.layers:
-        layer.attention.dense = RowParallelLinear(layer.attention.dense, all_reduce)
-        layer.mlp.dense_4h_to_h = RowParallelLinear(layer.mlp.dense_4h_to_h, all_reduce)
-    model.register_forward_hook(_gather_logits(group, world_size))
-    return model

@@ -1,0 +1,155 @@
+"""GPU-only checks (marker `gpu`, skipped without CUDA): CUDA-graph decoding, the fused kernels against the eager
+ops, the quantized kernels against dequantize + matmul, and the resident cluster on GPU engines.
+
+Run them on a GPU machine with `python -m pytest -m gpu tests/test_gpu.py` (README, developer section).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glmkit.config import GLMConfig, load_config
+from glmkit.generate.pipeline import GLMPipeline, load_model, load_tokenizer
+from glmkit.generate.sampling import GenerationSettings
+from glmkit.generate.tokens import Context, Generator, prefill_inputs
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+PROMPTS = ["def read_config(path):\n    with open(path) as f:\n", "import os\nimport [MASK]\n",
+           "Return True if the [MASK] is empty, False otherwise."]
+
+
+@pytest.fixture(scope="module")
+def gpu_config():
+    return load_config("glm-tiny").replace(device="cuda", dtype="fp16")
+
+
+def _random_glm(layers=2, hidden=256, heads=2, inner=512, vocab=1024, dtype=torch.float16):
+    """A random GLM with head dim 128 (GLM-130B's) on the GPU, fan-in scaled as glmkit.lab.random_model does."""
+    from glmkit.lab.random_model import build_random_model
+
+    config = GLMConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, inner_hidden_size=inner,
+                       vocab_size=vocab, max_sequence_length=2048)
+    return build_random_model(config, dtype, torch.device("cuda"), seed=1)
+
+
+def test_graph_replay_and_kernels_generate_what_eager_ops_generate(gpu_config):
+    tokenizer = load_tokenizer(gpu_config)
+    fast = GLMPipeline(load_model(gpu_config), tokenizer)  # CUDA graphs + fused kernels (the default on GPU)
+    plain = GLMPipeline(load_model(gpu_config), tokenizer)
+    plain.generator = Generator(plain.model, use_graphs=False, kernels=False)
+    assert fast.generator.steps.use_graphs and fast.generator.lookahead
+    for _ in range(2):  # the second round replays the captured graphs over dirty caches
+        got = [r.text for r in fast.generate(PROMPTS, max_new_tokens=24)]
+        assert got == [r.text for r in plain.generate(PROMPTS, max_new_tokens=24)]
+    assert any(step.graph is not None for step in fast.generator.steps.steps.values())
+
+
+def test_decode_step_logits_with_kernels_track_eager_ops():
+    model = _random_glm()
+    generator = Generator(model, use_graphs=True, kernels=True)
+    contexts = [Context(tuple(range(10, 300)), None), Context(tuple(range(50, 90)), 20)]
+    step, logits, pads = generator.prefill(contexts, new_tokens=4)
+    ids = logits.argmax(-1)[:, None]
+    positions = torch.tensor([[290], [20]])
+    fused = step(ids, positions, 290, pads).float().clone()
+    from glmkit.kernels import remove_decode_kernels
+
+    remove_decode_kernels(model)
+    eager = step.run_eager().float()  # the same inputs and cache slot, the plain model's ops
+    scale = eager.abs().max().item()
+    assert (fused - eager).abs().max().item() <= 1e-2 * scale
+    assert torch.equal(fused.argmax(-1), eager.argmax(-1))
+
+
+def test_lookahead_decoding_gives_the_tokens_of_step_by_step_decoding():
+    model = _random_glm()
+    contexts = [Context(tuple(range(10, 60)), None), Context(tuple(range(70, 80)), 5)]
+    settings = GenerationSettings(max_new_tokens=32)
+    ahead = Generator(model)
+    tokens = [o.tokens for o in ahead.generate(contexts, settings, end_tokens=())]
+    ahead.lookahead = False
+    assert tokens == [o.tokens for o in ahead.generate(contexts, settings, end_tokens=())]
+
+
+def test_chunked_prefill_attention_matches_one_chunk(monkeypatch):
+    import glmkit.model as model_module
+
+    model = _random_glm(layers=1)
+    ids, positions, allowed, _ = prefill_inputs([Context(tuple(range(5, 1500)), None)], "cuda")
+    with torch.inference_mode():
+        whole = model(ids, positions, allowed).float()
+        monkeypatch.setattr(model_module, "SCORE_CHUNK_ELEMENTS", 2 * 1495 * 100)  # 100 queries a chunk
+        chunked = model(ids, positions, allowed).float()
+    assert (chunked - whole).abs().max().item() <= 1e-3 * whole.abs().max().item()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_quantized_kernels_match_dequantize_then_matmul(bits, rows):
+    from glmkit.kernels import quant as quant_kernels
+    from glmkit.quantization import dequantize_weight, quantize_weight
+
+    generator = torch.Generator(device="cuda").manual_seed(bits * 1000 + rows)
+    w = torch.randn(3072, 1024, device="cuda", generator=generator)
+    q, scale = quantize_weight(w, bits)
+    x = torch.randn(rows, 1, 1024, device="cuda", generator=generator, dtype=torch.float16)
+    bias = torch.randn(3072, device="cuda", generator=generator, dtype=torch.float16)
+    expected = x.float() @ dequantize_weight(q, scale, bits, torch.float32).T + bias.float()
+    got = quant_kernels.int_linear(x, q, scale, bias, bits).float()
+    assert (got - expected).abs().max().item() <= 2e-3 * expected.abs().max().item()
+    assert torch.equal(quant_kernels.dequantize(q, scale, bits, torch.float16),
+                       dequantize_weight(q, scale, bits, torch.float16))
+
+
+def test_one_engine_cluster_on_the_gpu_generates_what_the_pipeline_does(gpu_config):
+    from glmkit.serve.cluster import GLMCluster
+
+    pipeline = GLMPipeline.from_config(gpu_config)
+    expected = [r.text for r in pipeline.generate(PROMPTS, max_new_tokens=16)]
+    del pipeline
+    with GLMCluster(config=gpu_config, n=1) as cluster:
+        events = []
+        got = cluster.generate(PROMPTS, max_new_tokens=16, on_text=events.append)
+        assert [r.text for r in got] == expected
+        assert "".join(e.text for e in events if e.index == 0) == got[0].completion
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_engine_nccl_cluster_generates_what_one_process_does(gpu_config):
+    from glmkit.serve.cluster import GLMCluster
+
+    pipeline = GLMPipeline.from_config(gpu_config)
+    expected = [r.text for r in pipeline.generate(PROMPTS, max_new_tokens=16)]
+    del pipeline
+    with GLMCluster(config=gpu_config, n=2) as cluster:
+        assert [r.text for r in cluster.generate(PROMPTS, max_new_tokens=16)] == expected
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_symmetric_all_reduce_sums_like_nccl():
+    import torch.multiprocessing as mp
+
+    from glmkit.parallel.comm import free_port
+
+    mp.spawn(_all_reduce_rank, args=(2, free_port()), nprocs=2, join=True)
+
+
+def _all_reduce_rank(rank: int, world_size: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from glmkit.parallel.comm import AllReduce, init_process_groups
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    groups = init_process_groups(rank, world_size, device, "127.0.0.1", port)
+    try:
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            reduce = AllReduce.setup(groups.data, device, dtype)
+            x = torch.full((4, 12288), float(rank + 1), dtype=dtype, device=device)
+            expected = x.clone()
+            dist.all_reduce(expected, group=groups.data)
+            assert torch.equal(reduce(x), expected)
+    finally:
+        groups.close()
