@@ -245,3 +245,25 @@ def generation_html(pieces: list[str], blanks: list[list[Segment]], mask_name: s
         else:
             out.append(f'<span style="{_DIM}">{esc(mask_name)}</span>')
     return f'<div style="{BOX}">{"".join(out)}</div>'
+
+
+def logprob_table_html(rows: list[dict]) -> str:
+    """Per-token table of a generation: position, blank, id, piece, p, logprob and the top alternatives.
+
+    Each row has `position`, `blank`, `id`, `piece`, `logprob` and `top` (a list of (piece, logprob)).
+    """
+    if not rows:
+        return ""
+    head = "".join(f"<th style='text-align:left;padding:0 6px'>{name}</th>"
+                   for name in ("#", "blank", "id", "token", "p", "logprob", "top alternatives"))
+    body = []
+    for row in rows:
+        top = " · ".join(f"{esc(repr(piece))} {math.exp(lp):.3f}" for piece, lp in row["top"])
+        cells = [row["position"], row["blank"] + 1, row["id"], esc(repr(row["piece"])),
+                 f"{math.exp(row['logprob']):.3f}", f"{row['logprob']:.3f}", top]
+        colour = probability_colour(row["logprob"])
+        body.append("<tr>" + "".join(
+            f"<td style='padding:0 6px{';background:' + colour if i == 3 else ''}'>{cell}</td>"
+            for i, cell in enumerate(cells)) + "</tr>")
+    return (f'<table class="glmkit-logprobs" style="{MONO};font-size:85%;border-collapse:collapse">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
