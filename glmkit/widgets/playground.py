@@ -15,8 +15,8 @@ from .code import cli_line, python_code
 from .compare import compare_html, describe_id_divergence, first_id_divergence, generated_ids
 from .history import HISTORY_COLUMNS, HistoryPanel, Run
 from .presets import PresetsBar
-from .render import (Segment, escape_text, esc, generation_html, logprob_table_html, unescape,
-                     visible_whitespace_html)
+from .render import (Segment, escape_text, esc, generation_html, logprob_table_html, round_trip_warnings,
+                     unescape)
 
 STRATEGIES = ("greedy", "sampling", "beam")
 SAME_SETTINGS = "same settings as A"
@@ -76,7 +76,11 @@ def prompt_token_summary(tokenizer, prompt: str) -> str:
     if len(plan.tokens) - own - len(added) == 1:
         added.append("eos")
     added.append("sop")
-    return info_html(f"{own} prompt tokens; {len(plan.tokens) + 1} with the {' + '.join(added)} GLM adds")
+    summary = info_html(f"{own} prompt tokens; {len(plan.tokens) + 1} with the {' + '.join(added)} GLM adds")
+    warnings = round_trip_warnings(tokenizer.tokens(prompt))
+    if warnings:
+        summary += "<br>" + "<br>".join(error_html(x.message()).replace("Error:", "Note:") for x in warnings)
+    return summary
 
 
 class Playground(Tool):
