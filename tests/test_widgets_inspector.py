@@ -79,3 +79,12 @@ def test_two_tokenizers_tokenize_the_same_text_side_by_side(tokenizer, tmp_path)
     assert list(inspector.to_dataframe().loc["b"]["id"]) == [t.id for t in b]
     alone = TokenInspector(tokenizer, "x")
     assert alone.compare_tokenizers.layout.display == "none"
+
+
+def test_one_text_alone_is_shown(tokenizer):
+    inspector = TokenInspector(tokenizer, "x = 1")
+    columns = inspector.root.children[1]  # the text columns, under the checkboxes
+    first, second = columns.children
+    assert second.layout.display == "none" and first.layout.display != "none"
+    inspector.compare.value = True
+    assert first.layout.display != "none" and second.layout.display != "none"

@@ -71,14 +71,17 @@ class TokenInspector(Tool):
         for widget in (self.text_a, self.text_b, self.compare, self.compare_tokenizers, self.dummy_prefix):
             widget.observe(update, "value")
         self.selection.observe(self._guarded(lambda _: self._count_selection()), "value")
-        half = w.Layout(width="50%", padding="0 4px")
+        # One Layout each: a shared one hid the first column too when the second was hidden.
+        half = dict(width="50%", padding="0 4px")
         ids_label = '<span style="font-size:90%;color:#555">token ids (select and copy)</span>'
         self.column_b = w.VBox([self.text_b, self.counts_b, self.warnings_b, self.view_b, w.HTML(ids_label),
-                                self.ids_b], layout=half)
-        column_a = w.VBox([self.text_a, self.counts_a, self.selection, self.selection_counts, self.warnings_a,
-                           self.view_a, w.HTML(ids_label), self.ids_a], layout=half)
-        columns = w.HBox([column_a, self.column_b], layout=w.Layout(width="100%"))
+                                self.ids_b], layout=w.Layout(**half))
+        self.column_a = w.VBox([self.text_a, self.counts_a, self.selection, self.selection_counts, self.warnings_a,
+                           self.view_a, w.HTML(ids_label), self.ids_a], layout=w.Layout(**half))
+        columns = w.HBox([self.column_a, self.column_b], layout=w.Layout(width="100%"))
         legend = w.HTML(f'<div style="font-size:90%;color:#555">{LEGEND}</div>')
+        for box in (self.compare, self.compare_tokenizers, self.dummy_prefix):
+            box.layout.width = "auto"  # the stock 300px cut "add the dummy prefix (as GLM prompts do)"
         self._finish([w.HBox([self.compare, self.compare_tokenizers, self.dummy_prefix],
                              layout=w.Layout(grid_gap="12px")), columns, self.divergence_line, legend])
         self.refresh()
@@ -114,6 +117,7 @@ class TokenInspector(Tool):
         comparing = self.comparing
         self.column_b.layout.display = None if comparing else "none"
         self.column_b.layout.width = "50%" if comparing else "0"
+        self.column_a.layout.width = "50%" if comparing else "100%"
         # The second tokenizer reads the second text when one is compared, else the first text.
         self.text_b.layout.display = None if self.compare.value else "none"
         text_b = self.text_b.value if self.compare.value else self.text_a.value

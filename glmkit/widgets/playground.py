@@ -181,6 +181,8 @@ class Playground(Tool):
                                          grid_gap="2px 12px"))
         stop_box = w.HBox([w.VBox([w.Label("stop sequences"), c["stop"]]),
                            w.HTML(f'<div style="max-width:32em;font-size:90%;color:#555">{STOP_HINT}</div>')])
+        for box in (c["show_probabilities"], self.compare):
+            box.layout.width = "auto"  # the stock 300px leaves wide gaps and can cut a description
         buttons = w.HBox([self.generate_button, self.stop_button, self.clear_button, self.view_code,
                           c["show_probabilities"], self.compare], layout=w.Layout(grid_gap="8px"))
         outputs = w.HBox([self.output, self.output_b], layout=w.Layout(width="100%"))
