@@ -64,6 +64,16 @@ class PresetStore:
         name = check_preset_name(name)
         presets = self.read()
         presets[name] = dict(settings)
+        self._write(presets)
+
+    def delete(self, name: str) -> None:
+        """Remove a preset (ValueError when there is none of that name)."""
+        self.get(name)
+        presets = self.read()
+        del presets[name]
+        self._write(presets)
+
+    def _write(self, presets: dict[str, dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump({"presets": presets}, sort_keys=True, allow_unicode=True)
         # Write a sibling file, then rename: a crash mid-write never leaves a half-written presets file.
@@ -71,13 +81,6 @@ class PresetStore:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, self.path)
-
-    def delete(self, name: str) -> None:
-        """Remove a preset (ValueError when there is none of that name)."""
-        self.get(name)
-        presets = self.read()
-        del presets[name]
-        self.path.write_text(yaml.safe_dump({"presets": presets}, sort_keys=True, allow_unicode=True))
 
 
 class PresetsBar:
