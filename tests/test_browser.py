@@ -2,8 +2,10 @@
 
 JupyterLab runs on 127.0.0.1 with token auth, in a temporary root holding copies of the notebooks. The
 browser opens 02-prompt-playground, runs it, types a multi-line prompt into the Playground, clicks
-Generate, watches the streamed text grow and clicks Stop; then opens 05-tokenizer-quirks, runs it and
-checks the coloured token spans. Screenshots go to artifacts/browser/.
+Generate, watches the streamed text grow and clicks Stop; then opens View code and selects the command line,
+saves a preset to a YAML file and loads it back, and runs compare mode; then opens 05-tokenizer-quirks, runs
+it and checks the coloured token spans and the flagged `<n>`. Screenshots go to artifacts/browser/; no
+widget label in them may be cut off (checked in the page, not only by eye).
 
 Needs /usr/bin/chromium (`apt-get install chromium`) and the playwright package; never downloads a browser.
 Skipped without them, except under CI (the CI variable set), where a missing browser is a failure.
@@ -251,6 +253,78 @@ def labelled_input(root, label: str):
     return box.locator("input")
 
 
+# Labels and buttons whose text does not fit their box (the browser cuts it with an ellipsis).
+CLIPPED_JS = """root => [...root.querySelectorAll('label.widget-label, button, .widget-label-basic')]
+    .filter(el => el.offsetParent !== null && el.scrollWidth > el.clientWidth + 1)
+    .map(el => el.textContent.trim())"""
+
+
+def assert_no_clipped_labels(root) -> None:
+    clipped = root.evaluate(CLIPPED_JS)
+    assert not clipped, f"labels cut off in the widget: {clipped}"
+
+
+def set_field(root, label: str, value: str) -> None:
+    """Type a value into a labelled ipywidgets field and leave it, as a person would (Tab sends it)."""
+    field = labelled_input(root, label)
+    field.fill(value)
+    field.press("Tab")
+
+
+def use_view_code_presets_and_compare(page, root, lab) -> None:
+    """View code, a preset saved to YAML and loaded back, and compare mode, in the Playground of notebook 02."""
+    from playwright.sync_api import expect
+
+    set_field(root, "min new tokens", "0")
+    set_field(root, "max new tokens", "7")
+    cli = root.locator(".glmkit-code textarea").nth(1)
+    if not cli.is_visible():  # notebook 02 may have opened it already from code
+        root.get_by_role("button", name="View code").click()
+    expect(cli).to_be_visible(timeout=WAIT_MS)
+    expect(cli).to_have_value(re.compile(r"^glmkit generate \$'Question: what does this function do\?\\n"
+                                         r".*--max-new-tokens 7"), timeout=WAIT_MS)
+    python = root.locator(".glmkit-code textarea").first
+    expect(python).to_have_value(re.compile(r"GLMCluster\(config='glm-tiny'.*cluster\.generate\(", re.S))
+    cli.click()
+    page.keyboard.press("Control+A")  # the whole line is selected, ready to copy
+    selected = cli.evaluate("el => el.value.substring(el.selectionStart, el.selectionEnd)")
+    assert selected == cli.input_value() and selected.startswith("glmkit generate")
+    cli.scroll_into_view_if_needed()
+    shot(page, "02-playground-view-code")
+    assert_no_clipped_labels(root)
+    root.get_by_role("button", name="View code").click()  # fold it away again
+
+    presets = lab.root / "browser-presets.yaml"
+    set_field(root, "presets file", str(presets))
+    set_field(root, "preset", "browser-7")
+    root.get_by_role("button", name="Save preset").click()
+    expect(root).to_contain_text("saved preset 'browser-7'", timeout=WAIT_MS)
+    assert "max_new_tokens: 7" in presets.read_text()
+    set_field(root, "max new tokens", "4")
+    root.get_by_role("button", name="Load preset").click()
+    expect(root).to_contain_text("loaded preset 'browser-7'", timeout=WAIT_MS)
+    expect(labelled_input(root, "max new tokens")).to_have_value("7")
+
+    # Compare: A greedy for 4 tokens, B the preset (greedy for 7) on the same model.
+    set_field(root, "max new tokens", "4")
+    root.get_by_role("checkbox", name="compare", exact=True).check()
+    b_settings = root.locator(".widget-inline-hbox", has=page.locator("label.widget-label",
+                                                                     has_text=re.compile("^B settings$")))
+    b_settings.locator("select").select_option(label="browser-7")
+    root.get_by_role("button", name="Generate").click()
+    line = root.locator(".widget-html-content", has_text=re.compile("first divergence at generated|identical:"))
+    expect(line).to_be_visible(timeout=WAIT_MS)
+    expect(root.get_by_role("button", name="Generate")).to_be_enabled(timeout=WAIT_MS)
+    text = line.inner_text()
+    if text.startswith("first divergence"):
+        assert text.startswith("first divergence at generated token #4: A (ended)"), text
+        expect(root.locator("[data-diverges='true']")).to_have_count(1)
+    line.scroll_into_view_if_needed()
+    shot(page, "02-playground-compare")
+    assert_no_clipped_labels(root)
+    root.get_by_role("checkbox", name="compare", exact=True).uncheck()
+
+
 def test_playground_streams_and_stops_in_jupyterlab(lab, page):
     from playwright.sync_api import expect
 
@@ -300,6 +374,7 @@ def test_playground_streams_and_stops_in_jupyterlab(lab, page):
     assert "return a + b" in output and "Answer:" in output  # the typed prompt, around the generated text
     root.locator(".widget-html-content", has_text="finish reason: abort").scroll_into_view_if_needed()
     shot(page, "02-playground-stopped")
+    use_view_code_presets_and_compare(page, root, lab)
 
     # Now the last cell: close the playground and the cluster.
     select_cell(page, -1)
@@ -329,3 +404,13 @@ def test_tokenizer_quirks_render_coloured_tokens(lab, page):
     emoji = page.locator(".jp-OutputArea-output", has=page.locator("span.glmkit-token[title*='0xF0']")).first
     emoji.scroll_into_view_if_needed()
     shot(page, "05-tokenizer-bytes", element=emoji)
+
+    # A typed <n> (and <|tab|>, ▁) is underlined, and the inspector says what the model reads instead.
+    flagged = page.locator(".jp-OutputArea-output", has=page.locator("span.glmkit-token[data-round-trip='no']"))
+    flagged.first.scroll_into_view_if_needed()
+    assert flagged.first.locator("span.glmkit-token[data-round-trip='no']").count() == 3
+    assert "'<n>' (characters 6–9) is read as a newline" in flagged.first.inner_text()
+    shot(page, "05-tokenizer-round-trip", element=flagged.first)
+    selection = page.locator(".widget-html-content", has_text="selection 13–17")
+    assert "4 characters · 1 tokens touch it" in selection.first.inner_text()
+    assert_no_clipped_labels(flagged.first)

@@ -25,6 +25,27 @@ def backend_lock(backend) -> threading.Lock:
             return threading.Lock()
 
 
+class LockPair:
+    """Two backends' locks taken as one (compare mode): both or neither, so two tools comparing the same
+    two backends in opposite order cannot deadlock."""
+
+    def __init__(self, first: threading.Lock, second: threading.Lock):
+        self.first, self.second = first, second
+
+    def acquire(self, timeout: float = -1) -> bool:
+        if not self.first.acquire(timeout=timeout):
+            return False
+        if self.second is self.first or self.second.acquire(timeout=timeout):
+            return True
+        self.first.release()  # back off, so whoever holds the second can take the first
+        return False
+
+    def release(self) -> None:
+        if self.second is not self.first:
+            self.second.release()
+        self.first.release()
+
+
 def error_html(message: str) -> str:
     """A status line for an error message (escaped)."""
     return f'<span style="color:#b00020"><b>Error:</b> {html.escape(message)}</span>'
@@ -46,13 +67,19 @@ class Tool:
     def __init__(self):
         self.status = w.HTML(layout=w.Layout(min_height="1.5em"))
         self.errors = w.Output(layout=w.Layout(max_height="16em", overflow="auto"))
+        # A bug's traceback is worth having for a report, but not in the user's face: it sits folded
+        # under the one-line message, and only for errors that are not glmkit's own input checks.
+        self.error_details = w.Accordion([self.errors], titles=("traceback (for a bug report)",),
+                                         selected_index=None, layout=w.Layout(display="none"))
         self.last_error: BaseException | None = None
+        # Widgets that show the last answer; emptied on an error so an old answer never looks current.
+        self.answer_views: list[w.Widget] = []
         self._thread: threading.Thread | None = None
         self._abort = threading.Event()
         self.root: w.Widget | None = None
 
     def _finish(self, children: list[w.Widget]) -> None:
-        self.root = w.VBox(children + [self.status, self.errors], layout=w.Layout(width="100%"))
+        self.root = w.VBox(children + [self.status, self.error_details], layout=w.Layout(width="100%"))
 
     # ----- display and lifetime -------------------------------------------------------------------
 
@@ -70,18 +97,32 @@ class Tool:
     # ----- errors ---------------------------------------------------------------------------------
 
     def report_error(self, error: BaseException, context: str = "") -> None:
-        """Show an error: its message in the status line, its traceback in the error panel."""
+        """Show an error as one message in the status line and empty the stale answer; see `last_error`."""
         self.last_error = error
-        message = f"{type(error).__name__}: {error}" if not isinstance(error, (ValueError, TypeError)) \
-            else str(error)
+        self._clear_answer()
+        user_error = is_user_error(error)
+        message = str(error) if user_error else f"{type(error).__name__}: {error}"
         self.status.value = error_html(f"{context}{message}")
-        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        self.errors.append_stderr(text)
+        self.errors.outputs = ()
+        if not user_error:  # a bug: keep its traceback, folded away
+            self.errors.append_stderr("".join(traceback.format_exception(type(error), error,
+                                                                         error.__traceback__)))
+            self.error_details.layout.display = None
 
     def clear_errors(self) -> None:
-        """Empty the error panel."""
+        """Forget the last error and empty its (folded) traceback."""
         self.last_error = None
         self.errors.outputs = ()
+        self.error_details.selected_index = None
+        self.error_details.layout.display = "none"
+
+    def _clear_answer(self) -> None:
+        """Empty every widget in `answer_views` (subclasses also forget their result)."""
+        for view in self.answer_views:
+            if isinstance(view, w.Output):
+                view.outputs = ()
+            else:
+                view.value = ""
 
     def _guarded(self, callback: Callable) -> Callable:
         """Wrap a widget callback so an exception is shown in the tool instead of being logged away."""
@@ -138,6 +179,13 @@ class Tool:
 
         self._thread = threading.Thread(target=body, name=f"glmkit-{type(self).__name__}", daemon=True)
         self._thread.start()
+
+
+def is_user_error(error: BaseException) -> bool:
+    """True for errors whose message says what to change (bad input, a missing file, glmkit's own errors)."""
+    if isinstance(error, (ValueError, TypeError, OSError)):
+        return True
+    return type(error).__module__.split(".")[0] == "glmkit"
 
 
 def _descendants(widget: w.Widget):

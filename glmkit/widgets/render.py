@@ -118,6 +118,53 @@ def merged_dummy_prefix(token: Token) -> bool:
     return token.kind == "text" and token.piece.startswith("▁") and not token.text.startswith(" ")
 
 
+@dataclass(frozen=True)
+class RoundTripWarning:
+    """Typed text the tokenizer reads as something else: `literal` at start..end, read as `reads_as`."""
+
+    start: int
+    end: int
+    literal: str
+    reads_as: str
+    decodes_to: str
+
+    def message(self) -> str:
+        """One sentence: what was typed, what the tokenizer reads, and what decoding gives back."""
+        return (f"{self.literal!r} (characters {self.start}–{self.end}) is read as {self.reads_as}, "
+                f"not as the characters you typed: the model sees that, and decoding gives "
+                f"{self.decodes_to!r}")
+
+
+_WHITESPACE_KINDS = {"newline": ("\n", "a newline (the <n> token)"), "tab": ("\t", "a tab (the <|tab|> token)")}
+
+
+def round_trip_warnings(tokens: list[Token]) -> list[RoundTripWarning]:
+    """Where typed text does not survive tokenizing: a literal `<n>`, `<|tab|>`, `<|blank_N|>` or `▁`.
+
+    GLM's tokenizer writes a newline as the piece `<n>`, a tab as `<|tab|>`, a run of N spaces as
+    `<|blank_N|>`, and SentencePiece writes a space as `▁`; so the same characters typed by a user are
+    read as that whitespace. A token covering such characters is one whose text is not what it stands for.
+    """
+    warnings = []
+    for token in tokens:
+        if token.kind in _WHITESPACE_KINDS and token.text != _WHITESPACE_KINDS[token.kind][0]:
+            surface, reads_as = _WHITESPACE_KINDS[token.kind]
+            warnings.append(RoundTripWarning(token.start, token.end, token.text, reads_as, surface))
+        elif token.kind == "blank" and token.text.strip(" "):
+            n = int(re.fullmatch(r"<\|blank_(\d+)\|>", token.piece).group(1))
+            warnings.append(RoundTripWarning(token.start, token.end, token.text,
+                                             f"{n} spaces (the {token.piece} token)", " " * n))
+        elif token.kind == "text" and "▁" in token.text:
+            for match in re.finditer("▁+", token.text):
+                start = token.start + match.start()
+                n = len(match.group())
+                warnings.append(RoundTripWarning(
+                    start, start + n, match.group(),
+                    f"{'a space' if n == 1 else f'{n} spaces'} (▁ is SentencePiece's own mark for a space)",
+                    " " * n))
+    return warnings
+
+
 def token_tooltip(token: Token, index: int) -> str:
     """Hover text of a token: position, id, piece, kind and the characters it covers."""
     return (f"#{index}  id {token.id}  piece {token.piece!r}\n"
@@ -125,9 +172,15 @@ def token_tooltip(token: Token, index: int) -> str:
 
 
 def tokens_html(tokens: list[Token], diverge_at: int | None = None) -> str:
-    """Tokens as coloured spans (id, piece and kind on hover); tokens from `diverge_at` on are outlined."""
+    """Tokens as coloured spans (id, piece and kind on hover); tokens from `diverge_at` on are outlined.
+
+    Tokens holding typed text that does not round-trip (see `round_trip_warnings`) get a wavy red
+    underline and the reason in their tooltip.
+    """
     spans = []
+    warnings = round_trip_warnings(tokens)
     for i, token in enumerate(tokens):
+        warned = [x for x in warnings if token.start <= x.start and x.end <= token.end and x.end > x.start]
         colour = SPECIAL_COLOUR if token.kind == "special" else TOKEN_COLOURS[i % len(TOKEN_COLOURS)]
         style = f"background:{colour};border-radius:3px;padding:0 1px;margin:0 1px"
         if token.kind in ("dummy_prefix", "newline", "tab", "blank", "byte", "unknown", "user_defined"):
@@ -138,13 +191,20 @@ def tokens_html(tokens: list[Token], diverge_at: int | None = None) -> str:
             style += ";border:1px dashed #6b7280;font-size:85%"
         if diverge_at is not None and i >= diverge_at:
             style += (";outline:2px solid #dc2626" if i == diverge_at else ";outline:1px dotted #dc2626")
+        title = token_tooltip(token, i)
+        if warned:
+            style += ";text-decoration:underline wavy #dc2626"
+            title += "\n" + "\n".join(x.message() for x in warned)
         label = esc(token_label(token))
+        if warned and token.kind in ("newline", "tab", "blank"):
+            label = esc(token.text)  # show what was typed, underlined, not the whitespace it became
         if merged_dummy_prefix(token):  # the ▁ stands for no character of the text: dim it
             label = f'<span style="opacity:0.45" title="dummy prefix">▁</span>{label[1:]}'
         # A newline token also breaks the line, so the layout follows the text.
         tail = "\n" if token.kind == "newline" else ""
-        spans.append(f'<span class="glmkit-token" data-id="{token.id}" style="{style}" '
-                     f'title="{esc(token_tooltip(token, i))}">{label}</span>{tail}')
+        mark = ' data-round-trip="no"' if warned else ""
+        spans.append(f'<span class="glmkit-token" data-id="{token.id}"{mark} style="{style}" '
+                     f'title="{esc(title)}">{label}</span>{tail}')
     return f'<div style="{BOX}">{"".join(spans)}</div>'
 
 
@@ -153,6 +213,26 @@ def token_counts(tokens: list[Token], text: str) -> dict[str, float]:
     count = len(tokens)
     return {"tokens": count, "characters": len(text),
             "chars_per_token": round(len(text) / count, 2) if count else 0.0}
+
+
+def selection_counts(tokens: list[Token], text: str, start: int, end: int) -> dict[str, int]:
+    """Characters of text[start:end] and the tokens touching it (a token partly inside counts, as does
+    one covering no character, such as the dummy prefix, placed inside)."""
+    start, end = max(0, min(start, len(text))), max(0, min(end, len(text)))
+    start, end = min(start, end), max(start, end)
+    touching = [t for t in tokens if (t.start < end and t.end > start)
+                or (t.start == t.end and start <= t.start < end)]
+    whole = [t for t in touching if start <= t.start and t.end <= end]
+    return {"start": start, "end": end, "characters": end - start, "tokens": len(touching),
+            "whole_tokens": len(whole)}
+
+
+def first_span_divergence(a: list[Token], b: list[Token]) -> int | None:
+    """Index of the first token whose character span differs (for two tokenizers, whose ids differ)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if (x.start, x.end) != (y.start, y.end):
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def tokens_frame(tokens: list[Token]) -> pd.DataFrame:
@@ -245,3 +325,25 @@ def generation_html(pieces: list[str], blanks: list[list[Segment]], mask_name: s
         else:
             out.append(f'<span style="{_DIM}">{esc(mask_name)}</span>')
     return f'<div style="{BOX}">{"".join(out)}</div>'
+
+
+def logprob_table_html(rows: list[dict]) -> str:
+    """Per-token table of a generation: position, blank, id, piece, p, logprob and the top alternatives.
+
+    Each row has `position`, `blank`, `id`, `piece`, `logprob` and `top` (a list of (piece, logprob)).
+    """
+    if not rows:
+        return ""
+    head = "".join(f"<th style='text-align:left;padding:0 6px'>{name}</th>"
+                   for name in ("#", "blank", "id", "token", "p", "logprob", "top alternatives"))
+    body = []
+    for row in rows:
+        top = " · ".join(f"{esc(repr(piece))} {math.exp(lp):.3f}" for piece, lp in row["top"])
+        cells = [row["position"], row["blank"] + 1, row["id"], esc(repr(row["piece"])),
+                 f"{math.exp(row['logprob']):.3f}", f"{row['logprob']:.3f}", top]
+        colour = probability_colour(row["logprob"])
+        body.append("<tr>" + "".join(
+            f"<td style='padding:0 6px{';background:' + colour if i == 3 else ''}'>{cell}</td>"
+            for i, cell in enumerate(cells)) + "</tr>")
+    return (f'<table class="glmkit-logprobs" style="{MONO};font-size:85%;border-collapse:collapse">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")

@@ -82,10 +82,31 @@ anything else, such as `[mask]`, is ordinary text."""),
     code("""\
 TokenInspector(tokenizer, "The capital of [MASK] is Paris.", compare="The capital of [mask] is Paris.")"""),
     md("""\
+## Text that does not survive tokenizing
+
+Because the tokenizer *writes* whitespace as pieces, the same characters typed in a text are read as that
+whitespace: a literal `<n>` is a newline to the model, `<|tab|>` a tab, `<|blank_4|>` four spaces, and `▁`
+(SentencePiece's space mark) a space. The inspector underlines such text and says what the model will see;
+the playground's token line warns about it too."""),
+    code("""\
+TokenInspector(tokenizer, "Write <n> for a newline, <|tab|> for a tab.\\nReal newline; a ▁ mark.")"""),
+    md("""\
+## Token ids and a selection
+
+Each side shows its token ids, ready to select and copy. The **selection** slider picks a character range
+of the first text (its two ends can also be typed); the line under it counts the characters and the tokens
+that touch the range. `select(start, end)` does the same from code."""),
+    code("""\
+inspector = TokenInspector(tokenizer, "def area(r):\\n    return 3.14 * r * r\\n")
+inspector.select(13, 17)  # the four spaces of indentation: one <|blank_4|> token"""),
+    code("""\
+inspector"""),
+    md("""\
 ## Token counts
 
 Characters per token vary a lot with the kind of text — worth knowing when a prompt must fit the model's
-maximum length."""),
+maximum length. (With two tokenizers loaded, `TokenInspector(tokenizer, text, second_tokenizer=other)` shows
+one text under both, side by side: tick *compare with the second tokenizer*.)"""),
     code("""\
 texts = {"English prose": "The quick brown fox jumps over the lazy dog.",
          "German": "Der schnelle braune Fuchs springt über den faulen Hund.",
