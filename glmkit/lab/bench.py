@@ -95,6 +95,12 @@ BATCH_KEYS = {
     "floor_fraction": "bandwidth_floor_ms / ms_per_token",
     "prefill_ms": "prefill of batch x prompt_tokens tokens",
     "kv_cache_bytes": "bytes of this batch's KV cache (fixed shape, cache length rounded up)",
+    "floor_with_kv_ms": "(weight bytes + the KV cache a decode step reads: every row's filled context) / copy "
+                        "bandwidth: the floor at long contexts, where reading the cache is no longer negligible",
+    "floor_fraction_with_kv": "floor_with_kv_ms / ms_per_token",
+    "prefill_tokens_per_s": "batch x prompt_tokens / prefill_ms",
+    "prefill_tflops": "model FLOP/s of the prefill, 1e12: 2 x linear weights per token plus attention's "
+                      "4 x s x t x hidden per layer (GLM's context attends both ways: no causal saving)",
     "cache_length": "positions in that cache",
     "peak_gpu_bytes": "peak allocated device memory while measuring this batch (null on CPU)",
     "collective_ms": "tp > 1: the step's collectives alone (2 all-reduces a layer, the embedding's, the logits "
@@ -242,6 +248,24 @@ def measure_batch(generator: Generator, batch: int, options: BenchOptions, clock
             "cache_length": cache.max_length, "peak_gpu_bytes": peak_bytes(device), "greedy_tokens": tokens}
 
 
+def kv_bytes_per_token(model: GLM) -> int:
+    """KV-cache bytes one token of context takes on this rank (all layers, keys and values)."""
+    weight = model.transformer.word_embeddings.weight
+    heads = model.transformer.layers[0].attention.local_heads
+    return 2 * len(model.transformer.layers) * heads * model.config.head_dim * weight.element_size()
+
+
+def prefill_flops(model: GLM, batch: int, length: int) -> float:
+    """Model FLOPs of one prefill on this rank: linear layers 2 x weights per token, attention 4 x s x s x h."""
+    config = model.config
+    h, f = config.hidden_size, config.inner_hidden_size
+    tp = h // (model.transformer.layers[0].attention.local_heads * config.head_dim)
+    # Per layer: query_key_value 3h x h, dense h x h, dense_h_to_4h 2f x h, dense_4h_to_h h x f; 1/tp of each.
+    linear_weights = (4 * h * h + 3 * f * h) // tp
+    attention = 4 * batch * length * length * h // tp  # q k^T and probabilities x v, 2 FLOPs a product each
+    return float(config.num_layers * (2 * linear_weights * batch * length + attention))
+
+
 def prefill_workspace_bytes(config: GLMConfig, world_size: int, length: int, element: int) -> int:
     """Estimated temporaries of a one-shot batch-1 prefill of `length` tokens on one rank, in bytes."""
     # glmkit's attention holds (local heads, L, L) scores in the model dtype, a masked copy, and fp32
@@ -352,9 +376,18 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
             record["collective_share"] = record["collective_ms"] / record["step_ms"]
         records.append(record)
     base = next((r for r in records if r["batch"] == 1), None)
+    per_token_kv = kv_bytes_per_token(model)
     for record in records:
         record["throughput_vs_batch1"] = record["tokens_per_s"] / base["tokens_per_s"] if base else None
         record["floor_fraction"] = floor_ms / record["ms_per_token"]
+        # A step reads each row's context once: prompt plus, on average, half the generated tokens.
+        context = options.prompt_tokens + options.new_tokens / 2
+        kv_read = record["batch"] * context * per_token_kv
+        record["floor_with_kv_ms"] = floor_ms + kv_read / (bandwidth["copy_bandwidth_gbs"] * 1e6)
+        record["floor_fraction_with_kv"] = record["floor_with_kv_ms"] / record["ms_per_token"]
+        tokens = record["batch"] * options.prompt_tokens
+        record["prefill_tokens_per_s"] = tokens * 1e3 / record["prefill_ms"]
+        record["prefill_tflops"] = prefill_flops(model, record["batch"], options.prompt_tokens) / record["prefill_ms"] / 1e9
 
     # Memory left for context at batch 1, after the weights and a batch-1 decode's workspace.
     generator.steps.clear()
