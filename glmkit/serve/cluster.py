@@ -10,12 +10,14 @@ effect at the next token on every rank, so no collective is left waiting.
 """
 from __future__ import annotations
 
+import math
 import random
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -42,6 +44,13 @@ class ClusterTimeoutError(TimeoutError):
     """A call did not finish in time, even after a stop request."""
 
 
+def _seconds(name: str, value, hint: str = "") -> float:
+    """`value` checked as a timeout: a finite number of seconds > 0 (the error names `name`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}{hint}")
+    return float(value)
+
+
 class GLMCluster:
     """One ipyparallel engine per GPU (or N CPU engines), each keeping its tensor-parallel shard loaded."""
 
@@ -57,7 +66,8 @@ class GLMCluster:
         self.engines, self.profile, self.connect, self.cluster_id = engines, profile, connect, cluster_id
         self.launcher_options = dict(launcher_options or {})
         self.nccl_env = dict(nccl_env or {})
-        self.call_timeout, self.start_timeout = call_timeout, start_timeout
+        self.call_timeout = _seconds("call_timeout", call_timeout)
+        self.start_timeout = _seconds("start_timeout", start_timeout)
         self._ipp: ipp.Cluster | None = None
         self._client: ipp.Client | None = None
         self._ranks: list[dict] = []  # per rank: engine id, host, pid, device
@@ -149,7 +159,7 @@ class GLMCluster:
         if self._client is None:
             self.start()
         self._tokenizer = GLMTokenizer.load(self.config.tokenizer)  # notebook-side, for prompt checks
-        with self._lock:
+        with self._lock, self._engines_vanished():
             pending = [self._client[r["engine"]].apply_async(
                 engine.call_worker, ipp.Reference(engine.WORKER_NAME), "load", self.config) for r in self._ranks]
             with tqdm(total=len(pending), desc=f"loading {self.config.name} shards", unit="shard") as bar:
@@ -205,13 +215,14 @@ class GLMCluster:
         return pd.DataFrame(rows)
 
     def _status_rows(self) -> list[dict]:
-        rows = []
+        rows, registered = [], set(self._client.ids) if self._client is not None else set()
         for r in self._ranks:
-            alive = psutil.pid_exists(r["pid"]) if self._is_local(r) else None
+            alive = self._rank_alive(r, registered)
             row = {"engine": r["engine"], "host": r["host"], "pid": r["pid"], "alive": alive}
-            if alive is not False:
-                row.update(self._client[r["engine"]].apply_sync(
-                    engine.call_worker, ipp.Reference(engine.WORKER_NAME), "status"))
+            if alive:
+                with self._engines_vanished():
+                    row.update(self._client[r["engine"]].apply_sync(
+                        engine.call_worker, ipp.Reference(engine.WORKER_NAME), "status"))
             rows.append(row)
         return rows
 
@@ -229,7 +240,8 @@ class GLMCluster:
         kwargs = self._checked(batch, kwargs)
         holder: dict = {}
         with self._lock:  # one call at a time, also from widget threads: engines run calls in order
-            run = self._run(batch, kwargs, should_abort, timeout or self.call_timeout, holder)
+            self._ensure_alive()
+            run = self._run(batch, kwargs, should_abort, self._timeout(timeout), holder)
             try:
                 for event in run:
                     if on_text is not None:
@@ -248,7 +260,8 @@ class GLMCluster:
         kwargs = self._checked(batch, kwargs)
         holder: dict = {}
         with self._lock:
-            yield from self._run(batch, kwargs, should_abort, timeout or self.call_timeout, holder)
+            self._ensure_alive()
+            yield from self._run(batch, kwargs, should_abort, self._timeout(timeout), holder)
             self.last_results = holder["results"]
 
     def _checked(self, batch: list[str], kwargs: dict) -> dict:
@@ -325,16 +338,50 @@ class GLMCluster:
     def _is_local(self, rank_info: dict) -> bool:
         return rank_info["host"] == socket.gethostname()
 
+    def _timeout(self, timeout: float | None) -> float:
+        """A call's timeout: None means call_timeout; anything else must be seconds > 0."""
+        if timeout is None:
+            return self.call_timeout
+        return _seconds("timeout", timeout, " (pass None for the cluster's call_timeout)")
+
+    def _ensure_alive(self) -> None:
+        """Raise EngineDiedError naming the engine if one has gone; call before sending work to the engines.
+
+        Without it, a call after an engine died while the cluster was idle fails inside ipyparallel
+        (a KeyError for the engine id the controller has dropped)."""
+        if self._client is None:
+            raise RuntimeError("the cluster is not running: call cluster.start() (or use `with GLMCluster(...)`)")
+        self._check_alive()
+
+    @contextmanager
+    def _engines_vanished(self):
+        """Turn an ipyparallel error caused by an engine that has gone into EngineDiedError naming it."""
+        try:
+            yield
+        except (KeyError, IndexError, ipp.error.EngineError, ipp.error.NoEnginesRegistered) as error:
+            if self._ranks and self._client is not None:
+                try:
+                    self._check_alive()
+                except EngineDiedError as died:
+                    raise died from error
+            raise
+
+    def _rank_alive(self, rank_info: dict, registered: set) -> bool:
+        # An engine the controller has dropped is gone; a local one is also gone as soon as its process is,
+        # which the controller notices only later.
+        if rank_info["engine"] not in registered:
+            return False
+        if not self._is_local(rank_info):
+            return True
+        try:
+            return psutil.Process(rank_info["pid"]).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     def _check_alive(self) -> None:
         registered = set(self._client.ids)
         for rank, r in enumerate(self._ranks):
-            gone = r["engine"] not in registered
-            if self._is_local(r):
-                try:
-                    gone = gone or psutil.Process(r["pid"]).status() == psutil.STATUS_ZOMBIE
-                except psutil.NoSuchProcess:
-                    gone = True
-            if gone:
+            if not self._rank_alive(r, registered):
                 raise EngineDiedError(f"engine {r['engine']} (rank {rank}, pid {r['pid']} on {r['host']}) died; "
                                       f"the other ranks cannot continue without it: call cluster.restart()")
 
@@ -354,7 +401,8 @@ class GLMCluster:
         values = []
         for rank, ar in enumerate(pending):
             try:
-                values.append(ar.get(timeout=0))
+                with self._engines_vanished():
+                    values.append(ar.get(timeout=0))
             except ipp.error.RemoteError as error:
                 raise RuntimeError(f"{what} failed on rank {rank}: {error.ename}: {error.evalue}") from None
             finally:
