@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -26,14 +27,18 @@ import ipyparallel as ipp
 import pandas as pd
 import psutil
 import torch.distributed as dist
+from ipyparallel.cluster import launcher as ipp_launcher
 
-from . import engine
+from . import engine, watchdog
 from ..config import KitConfig, load_config
 from ..generate.blanks import GenerationResult, TextEvent, plan_prompt
 from ..generate.sampling import GenerationSettings
 from ..tokenizer import GLMTokenizer
 
 POLL_S = 0.05
+# How long a new cluster waits for an earlier one's processes to end by themselves before reporting them:
+# their watchdogs notice a killed starter within a poll and end them within a grace.
+LEFTOVER_WAIT_S = watchdog.POLL_S + 2 * watchdog.GRACE_S + 1.0
 
 
 class EngineDiedError(RuntimeError):
@@ -42,6 +47,10 @@ class EngineDiedError(RuntimeError):
 
 class ClusterTimeoutError(TimeoutError):
     """A call did not finish in time, even after a stop request."""
+
+
+class LeftoverProcessesWarning(UserWarning):
+    """Processes of an earlier GLMCluster still run although the process that started them is gone."""
 
 
 def _seconds(name: str, value, hint: str = "") -> float:
@@ -118,12 +127,63 @@ class GLMCluster:
             self._client = self._ipp.connect_client_sync()
             self._started_here = False
         else:
+            self._report_leftovers()
             self._ipp = self.build_ipp_cluster()
-            self._client = self._ipp.start_and_connect_sync()
+            # As ipyparallel's start_and_connect, but with the controller and engines under a watchdog.
+            self._ipp.start_controller_sync(**self._watched("controller"))
+            time.sleep(self._ipp.delay)  # ipyparallel's own pause for the controller to come up
+            self._ipp.start_engines_sync(**self._watched("engine"))
+            self._client = self._ipp.connect_client_sync()
             self._started_here = True
         self._client.wait_for_engines(self.n or len(self._client.ids) or 1, timeout=self.start_timeout)
         self._form_group()
         return self
+
+    def _watched(self, kind: str) -> dict:
+        """Launcher keywords that run the controller or the engines under a watchdog of this process.
+
+        It ends them when this process is gone, even killed with SIGKILL. Only local processes can be
+        watched: for other launchers (MPI, SSH, batch systems) this returns no keywords."""
+        if kind == "controller":
+            cls, local = self._ipp.controller_launcher_class, ipp_launcher.LocalControllerLauncher
+        else:
+            cls, local = self._ipp.engine_launcher_class, ipp_launcher.LocalEngineSetLauncher
+        if not issubclass(cls, local) or issubclass(cls, ipp_launcher.SSHLauncher):
+            return {}
+        # The command as configured (an ipcluster_config.py may set its own python), wrapped.
+        configured = getattr(cls(parent=self._ipp, log=self._ipp.log, profile_dir=self._ipp.profile_dir,
+                                 cluster_id=self._ipp.cluster_id), f"{kind}_cmd")
+        wrapped = watchdog.wrap(list(configured))
+        if wrapped is None:
+            warnings.warn(f"the {kind} command {configured} is not `python -m ...`, so glmkit cannot watch it: "
+                          f"its processes will outlive a kernel that is killed", stacklevel=3)
+            return {}
+        return {f"{kind}_cmd": wrapped}
+
+    def _report_leftovers(self) -> None:
+        leftovers = watchdog.find_orphans(wait_s=LEFTOVER_WAIT_S)  # their watchdogs may be ending them now
+        if not leftovers:
+            return
+        pids = " ".join(str(p["pid"]) for p in leftovers)
+        roles = ", ".join(f"{p['role']} {p['pid']}" for p in leftovers)
+        starters = ", ".join(sorted({str(p["starter_pid"]) for p in leftovers}))
+        warnings.warn(LeftoverProcessesWarning(
+            f"{len(leftovers)} processes of an earlier GLMCluster still run although the process that started "
+            f"them (pid {starters}) is gone: {roles}. They may hold memory or GPUs this cluster needs. Stop them "
+            f"with GLMCluster.stop_leftovers(), or from a shell: kill {pids}"), stacklevel=3)
+
+    @staticmethod
+    def find_leftovers() -> pd.DataFrame:
+        """Controllers and engines of earlier GLMClusters whose starting process is gone (pid, role, command)."""
+        return pd.DataFrame(watchdog.find_orphans(), columns=["pid", "role", "starter_pid", "created", "command"])
+
+    @staticmethod
+    def stop_leftovers(pids: list[int] | None = None) -> list[int]:
+        """Stop the leftovers (all of them, or those with the given pids) and their children; the pids ended."""
+        leftovers = watchdog.find_orphans()
+        if pids is not None:
+            leftovers = [p for p in leftovers if p["pid"] in set(pids)]
+        return watchdog.stop(leftovers)
 
     def _form_group(self) -> None:
         ids = sorted(self._client.ids)
@@ -183,7 +243,8 @@ class GLMCluster:
         if self._ipp is None:
             raise RuntimeError("the cluster was never started")
         self._ipp.stop_engines_sync()
-        self._ipp.start_engines_sync(n=len(self._ranks) or self._engine_count())
+        watched = self._watched("engine") if self._started_here else {}  # a connected cluster is the user's
+        self._ipp.start_engines_sync(n=len(self._ranks) or self._engine_count(), **watched)
         self._client.wait_for_engines(len(self._ranks) or self._engine_count(), timeout=self.start_timeout)
         self._wait_for_old_engines_to_leave()
         self._form_group()
