@@ -144,20 +144,22 @@ def _end(processes: list[psutil.Process], timeout: float) -> None:
 def _watch(watch: dict) -> None:
     while is_alive(watch["pid"], watch["created"]):
         time.sleep(watch["poll"])
-    print(f"glmkit watchdog: the process that started this cluster (pid {watch['pid']}) is gone; "
-          f"pid {os.getpid()} is shutting down", file=sys.stderr, flush=True)
-    # Children first (the controller's schedulers, an engine's nanny): once this process has gone they
-    # would be nobody's, and only this thread knows them.
-    _end(psutil.Process().children(recursive=True), watch["grace"])
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(watch["grace"])
-    # Still here: the main thread did not get to its clean exit in time. Children it started since go too.
-    for child in psutil.Process().children(recursive=True):
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    os._exit(1)
+    try:
+        print(f"glmkit watchdog: the process that started this cluster (pid {watch['pid']}) is gone; "
+              f"pid {os.getpid()} is shutting down", file=sys.stderr, flush=True)
+        # Children first (the controller's schedulers, an engine's nanny): once this process has gone they
+        # would be nobody's, and only this thread knows them.
+        _end(psutil.Process().children(recursive=True), watch["grace"])
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(watch["grace"])
+        # Still here: the main thread did not get to its clean exit in time. Children it started since go too.
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+    finally:
+        os._exit(1)  # whatever failed above (a closed stderr, say), the process must not stay
 
 
 def main(argv: list[str]) -> None:
