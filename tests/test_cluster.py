@@ -73,6 +73,11 @@ def test_bad_input_fails_in_the_notebook_before_dispatch(cluster):
         cluster.generate("x", top_p=0.0)
     with pytest.raises(ValueError, match="malformed mask"):
         cluster.generate("x [mask]")
+    for bad in (0, -1.5):  # 0 is not "no limit" nor "return at once": a clear error, not silently the default
+        with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds > 0.*None"):
+            cluster.generate("x", max_new_tokens=2, timeout=bad)
+        with pytest.raises(ValueError, match=r"timeout must be a finite number of seconds > 0"):
+            next(cluster.stream("x", max_new_tokens=2, timeout=bad))
     assert cluster.tokenizer.encode("hi")  # tokenizer runs here, without engines
 
 
@@ -131,6 +136,18 @@ def test_killed_engine_is_reported_and_restart_recovers():
         with pytest.raises(EngineDiedError, match=r"engine \d+ \(rank 1, pid \d+"):
             cluster.generate("Hello", max_new_tokens=200, min_new_tokens=200)
         assert time.monotonic() - started < 15
+        # Idle until the controller has dropped the engine too: the next call must still name it, at once,
+        # not fail inside ipyparallel on the missing engine id.
+        deadline = time.monotonic() + 30
+        while cluster._ranks[1]["engine"] in cluster._client.ids:
+            assert time.monotonic() < deadline, "the controller never noticed the dead engine"
+            time.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(EngineDiedError, match=r"engine \d+ \(rank 1, pid \d+ on .*cluster.restart\(\)"):
+            cluster.generate("Hello", max_new_tokens=2)
+        with pytest.raises(EngineDiedError, match=r"rank 1"):
+            next(cluster.stream("Hello", max_new_tokens=2))
+        assert time.monotonic() - started < 2
         assert cluster.status()["alive"].tolist() == [True, False]
         cluster.restart()
         assert cluster.generate("Hello", max_new_tokens=3).num_generated_tokens == 3

@@ -11,11 +11,14 @@ takes effect at the next token on every rank, so no collective is left waiting.
 """
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -24,8 +27,9 @@ import ipyparallel as ipp
 import pandas as pd
 import psutil
 import torch.distributed as dist
+from ipyparallel.cluster import launcher as ipp_launcher
 
-from . import engine
+from . import engine, watchdog
 from ..config import KitConfig, load_config
 from ..generate.blanks import GenerationResult, TextEvent
 from ..generate.request import GenerateRequest
@@ -34,6 +38,9 @@ from ..tokenizer import GLMTokenizer
 POLL_S = 0.05
 # A streamed batch may still be on its way (IOPub) when the result (another socket) has arrived.
 LATE_EVENTS_WAIT_S = 5.0
+# How long a new cluster waits for an earlier one's processes to end by themselves before reporting them:
+# their watchdogs notice a killed starter within a poll and end them within a grace.
+LEFTOVER_WAIT_S = watchdog.POLL_S + 2 * watchdog.GRACE_S + 1.0
 
 
 class EngineDiedError(RuntimeError):
@@ -42,6 +49,17 @@ class EngineDiedError(RuntimeError):
 
 class ClusterTimeoutError(TimeoutError):
     """A call did not finish in time, even after a stop request."""
+
+
+class LeftoverProcessesWarning(UserWarning):
+    """Processes of an earlier GLMCluster still run although the process that started them is gone."""
+
+
+def _seconds(name: str, value, hint: str = "") -> float:
+    """`value` checked as a timeout: a finite number of seconds > 0 (the error names `name`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}{hint}")
+    return float(value)
 
 
 class GLMCluster:
@@ -59,7 +77,8 @@ class GLMCluster:
         self.engines, self.profile, self.connect, self.cluster_id = engines, profile, connect, cluster_id
         self.launcher_options = dict(launcher_options or {})
         self.nccl_env = dict(nccl_env or {})
-        self.call_timeout, self.start_timeout = call_timeout, start_timeout
+        self.call_timeout = _seconds("call_timeout", call_timeout)
+        self.start_timeout = _seconds("start_timeout", start_timeout)
         self._ipp: ipp.Cluster | None = None
         self._client: ipp.Client | None = None
         self._ranks: list[dict] = []  # per rank: engine id, host, pid, device
@@ -111,12 +130,63 @@ class GLMCluster:
             self._client = self._ipp.connect_client_sync()
             self._started_here = False
         else:
+            self._report_leftovers()
             self._ipp = self.build_ipp_cluster()
-            self._client = self._ipp.start_and_connect_sync()
+            # As ipyparallel's start_and_connect, but with the controller and engines under a watchdog.
+            self._ipp.start_controller_sync(**self._watched("controller"))
+            time.sleep(self._ipp.delay)  # ipyparallel's own pause for the controller to come up
+            self._ipp.start_engines_sync(**self._watched("engine"))
+            self._client = self._ipp.connect_client_sync()
             self._started_here = True
         self._client.wait_for_engines(self.n or len(self._client.ids) or 1, timeout=self.start_timeout)
         self._form_group()
         return self
+
+    def _watched(self, kind: str) -> dict:
+        """Launcher keywords that run the controller or the engines under a watchdog of this process.
+
+        It ends them when this process is gone, even killed with SIGKILL. Only local processes can be
+        watched: for other launchers (MPI, SSH, batch systems) this returns no keywords."""
+        if kind == "controller":
+            cls, local = self._ipp.controller_launcher_class, ipp_launcher.LocalControllerLauncher
+        else:
+            cls, local = self._ipp.engine_launcher_class, ipp_launcher.LocalEngineSetLauncher
+        if not issubclass(cls, local) or issubclass(cls, ipp_launcher.SSHLauncher):
+            return {}
+        # The command as configured (an ipcluster_config.py may set its own python), wrapped.
+        configured = getattr(cls(parent=self._ipp, log=self._ipp.log, profile_dir=self._ipp.profile_dir,
+                                 cluster_id=self._ipp.cluster_id), f"{kind}_cmd")
+        wrapped = watchdog.wrap(list(configured))
+        if wrapped is None:
+            warnings.warn(f"the {kind} command {configured} is not `python -m ...`, so glmkit cannot watch it: "
+                          f"its processes will outlive a kernel that is killed", stacklevel=3)
+            return {}
+        return {f"{kind}_cmd": wrapped}
+
+    def _report_leftovers(self) -> None:
+        leftovers = watchdog.find_orphans(wait_s=LEFTOVER_WAIT_S)  # their watchdogs may be ending them now
+        if not leftovers:
+            return
+        pids = " ".join(str(p["pid"]) for p in leftovers)
+        roles = ", ".join(f"{p['role']} {p['pid']}" for p in leftovers)
+        starters = ", ".join(sorted({str(p["starter_pid"]) for p in leftovers}))
+        warnings.warn(LeftoverProcessesWarning(
+            f"{len(leftovers)} processes of an earlier GLMCluster still run although the process that started "
+            f"them (pid {starters}) is gone: {roles}. They may hold memory or GPUs this cluster needs. Stop them "
+            f"with GLMCluster.stop_leftovers(), or from a shell: kill {pids}"), stacklevel=3)
+
+    @staticmethod
+    def find_leftovers() -> pd.DataFrame:
+        """Controllers and engines of earlier GLMClusters whose starting process is gone (pid, role, command)."""
+        return pd.DataFrame(watchdog.find_orphans(), columns=["pid", "role", "starter_pid", "created", "command"])
+
+    @staticmethod
+    def stop_leftovers(pids: list[int] | None = None) -> list[int]:
+        """Stop the leftovers (all of them, or those with the given pids) and their children; the pids ended."""
+        leftovers = watchdog.find_orphans()
+        if pids is not None:
+            leftovers = [p for p in leftovers if p["pid"] in set(pids)]
+        return watchdog.stop(leftovers)
 
     def _form_group(self) -> None:
         ids = sorted(self._client.ids)
@@ -156,7 +226,7 @@ class GLMCluster:
         if self._client is None:
             self.start()
         self._tokenizer = GLMTokenizer.load(self.config.tokenizer)  # notebook-side, for prompt checks
-        with tqdm(total=self.world_size, desc=f"loading {self.config.name} shards", unit="shard") as bar:
+        with self._engines_vanished(), tqdm(total=self.world_size, desc=f"loading {self.config.name} shards", unit="shard") as bar:
             self.load_results = self.call(weights or engine.LoadRequest(self.config), timeout=self.call_timeout,
                                           on_progress=lambda done: bar.update(done - bar.n))
         return self.status()
@@ -178,7 +248,8 @@ class GLMCluster:
         if self._ipp is None:
             raise RuntimeError("the cluster was never started")
         self._ipp.stop_engines_sync()
-        self._ipp.start_engines_sync(n=len(self._ranks) or self._engine_count())
+        watched = self._watched("engine") if self._started_here else {}  # a connected cluster is the user's
+        self._ipp.start_engines_sync(n=len(self._ranks) or self._engine_count(), **watched)
         self._client.wait_for_engines(len(self._ranks) or self._engine_count(), timeout=self.start_timeout)
         self._wait_for_old_engines_to_leave()
         self._form_group()
@@ -210,13 +281,14 @@ class GLMCluster:
         return pd.DataFrame(rows)
 
     def _status_rows(self) -> list[dict]:
-        rows = []
+        rows, registered = [], set(self._client.ids) if self._client is not None else set()
         for r in self._ranks:
-            alive = psutil.pid_exists(r["pid"]) if self._is_local(r) else None
+            alive = self._rank_alive(r, registered)
             row = {"engine": r["engine"], "host": r["host"], "pid": r["pid"], "alive": alive}
-            if alive is not False:
-                row.update(self._client[r["engine"]].apply_sync(
-                    engine.run_request, ipp.Reference(engine.WORKER_NAME), "status", engine.StatusRequest()))
+            if alive:
+                with self._engines_vanished():
+                    row.update(self._client[r["engine"]].apply_sync(
+                        engine.run_request, ipp.Reference(engine.WORKER_NAME), "status", engine.StatusRequest()))
             rows.append(row)
         return rows
 
@@ -245,6 +317,7 @@ class GLMCluster:
         request = self.request(prompts, **kwargs)
         holder: dict = {}
         with self._lock:
+            self._ensure_alive()
             yield from self._events(request, should_abort, timeout, holder)
         self.last_results = holder["result"]
 
@@ -254,6 +327,7 @@ class GLMCluster:
         rank 0's result, or a list with every rank's. Streamed events go to `on_event` as they arrive."""
         holder: dict = {}
         with self._lock:  # one call at a time, also from widget threads: engines run calls in order
+            self._ensure_alive()
             events = self._events(request, should_abort, timeout, holder, on_progress)
             try:
                 for event in events:
@@ -266,11 +340,12 @@ class GLMCluster:
         return holder["result"]
 
     def _events(self, request, should_abort, timeout, holder: dict, on_progress=None) -> Iterator:
-        timeout = self.call_timeout if timeout is None else timeout
+        timeout = self._timeout(timeout)
         call_id = uuid.uuid4().hex
         self._call_id = call_id
-        view = self._client[[r["engine"] for r in self._ranks]]
-        ar = view.apply_async(engine.run_request, ipp.Reference(engine.WORKER_NAME), call_id, request)
+        with self._engines_vanished():  # an engine that died since the liveness check
+            view = self._client[[r["engine"] for r in self._ranks]]
+            ar = view.apply_async(engine.run_request, ipp.Reference(engine.WORKER_NAME), call_id, request)
         received, deadline, stopping = 0, time.monotonic() + timeout, False
         try:
             while not ar.ready():
@@ -326,7 +401,8 @@ class GLMCluster:
 
     def _values(self, ar) -> list:
         try:
-            return ar.get(timeout=0)
+            with self._engines_vanished():
+                return ar.get(timeout=0)
         except ipp.error.CompositeError as error:
             self._check_alive()
             raise RuntimeError(f"the call failed on the engines: {error.elist[0][0]}: {error.elist[0][1]}") from None
@@ -348,16 +424,50 @@ class GLMCluster:
     def _is_local(self, rank_info: dict) -> bool:
         return rank_info["host"] == socket.gethostname()
 
+    def _timeout(self, timeout: float | None) -> float:
+        """A call's timeout: None means call_timeout; anything else must be seconds > 0."""
+        if timeout is None:
+            return self.call_timeout
+        return _seconds("timeout", timeout, " (pass None for the cluster's call_timeout)")
+
+    def _ensure_alive(self) -> None:
+        """Raise EngineDiedError naming the engine if one has gone; call before sending work to the engines.
+
+        Without it, a call after an engine died while the cluster was idle fails inside ipyparallel
+        (a KeyError for the engine id the controller has dropped)."""
+        if self._client is None:
+            raise RuntimeError("the cluster is not running: call cluster.start() (or use `with GLMCluster(...)`)")
+        self._check_alive()
+
+    @contextmanager
+    def _engines_vanished(self):
+        """Turn an ipyparallel error caused by an engine that has gone into EngineDiedError naming it."""
+        try:
+            yield
+        except (KeyError, IndexError, ipp.error.EngineError, ipp.error.NoEnginesRegistered) as error:
+            if self._ranks and self._client is not None:
+                try:
+                    self._check_alive()
+                except EngineDiedError as died:
+                    raise died from error
+            raise
+
+    def _rank_alive(self, rank_info: dict, registered: set) -> bool:
+        # An engine the controller has dropped is gone; a local one is also gone as soon as its process is,
+        # which the controller notices only later.
+        if rank_info["engine"] not in registered:
+            return False
+        if not self._is_local(rank_info):
+            return True
+        try:
+            return psutil.Process(rank_info["pid"]).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     def _check_alive(self) -> None:
         registered = set(self._client.ids)
         for rank, r in enumerate(self._ranks):
-            gone = r["engine"] not in registered
-            if self._is_local(r):
-                try:
-                    gone = gone or psutil.Process(r["pid"]).status() == psutil.STATUS_ZOMBIE
-                except psutil.NoSuchProcess:
-                    gone = True
-            if gone:
+            if not self._rank_alive(r, registered):
                 raise EngineDiedError(f"engine {r['engine']} (rank {rank}, pid {r['pid']} on {r['host']}) died; "
                                       f"the other ranks cannot continue without it: call cluster.restart()")
 
@@ -377,7 +487,8 @@ class GLMCluster:
         values = []
         for rank, ar in enumerate(pending):
             try:
-                values.append(ar.get(timeout=0))
+                with self._engines_vanished():
+                    values.append(ar.get(timeout=0))
             except ipp.error.RemoteError as error:
                 raise RuntimeError(f"{what} failed on rank {rank}: {error.ename}: {error.evalue}") from None
             finally:
