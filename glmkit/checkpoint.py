@@ -11,13 +11,10 @@ unquantized checkpoint while loading, weight by weight, when asked for a quantiz
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +22,15 @@ from pathlib import Path
 import torch
 
 from .config import GLMConfig
-from .quantization import (SCALE_SUFFIX, check_bits, dequantize_weight, is_quantized_weight, packed_columns,
-                           quantize_weight, row_absmax, scale_from_absmax)
-from .parallel.layout import reshard_tensor, shard_shape, shard_style, source_ranks
+from .quantization import (SCALE_SUFFIX, check_bits, dequantize_weight, is_quantized_weight, quantize_weight,
+                           row_absmax, scale_from_absmax)
+# What a shard file must hold, and reading one safely; part of this module's interface too.
+from .shard_file import (FLOAT_DTYPES, check_shard, expected_dtype_ok, expected_shapes,  # noqa: F401
+                         is_ignored_key, read_shard, stored_quantization)
+from .parallel.layout import reshard_tensor, shard_style, source_ranks
 
 SHARD_NAME = "mp_rank_{:02d}_model_states.pt"
 _SHARD_RE = re.compile(r"mp_rank_(\d{2,})_model_states\.pt")
-
-# Rotary inv_freq buffers saved by SAT (two spellings across versions); the model recomputes them.
-_IGNORED_KEYS = re.compile(r"mixins\.rotary-embedding\.rotary_emb\.inv_freq"
-                           r"|transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq")
-
-# The only non-tensor globals official files need: DeepSpeed/SAT store the run's argparse args next to `module`.
-_SAFE_GLOBALS = [argparse.Namespace]
 
 
 @dataclass(frozen=True)
@@ -60,9 +53,7 @@ def inspect_checkpoint(dir: str | Path) -> CheckpointInfo:
     if not latest.is_file():
         raise FileNotFoundError(f"{latest} is missing; a SAT checkpoint folder needs a `latest` file holding "
                                 f"the iteration number (or `release`)")
-    iteration = latest.read_text().strip()
-    if iteration != "release" and not iteration.isdigit():
-        raise ValueError(f"{latest} holds {iteration!r}; expected an iteration number or `release`")
+    iteration = _read_latest(latest)
     folder = root / iteration
     if not folder.is_dir():
         raise FileNotFoundError(f"{latest} names iteration {iteration!r} but folder {folder} does not exist")
@@ -79,124 +70,125 @@ def inspect_checkpoint(dir: str | Path) -> CheckpointInfo:
     if config_path.is_file():
         try:
             model_config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+        if not isinstance(model_config, dict):
+            raise ValueError(f"{config_path} holds a {type(model_config).__name__}; expected a JSON object")
+        _check_declared_shards(model_config.get("model_parallel_size"), num_shards, folder, config_path)
     return CheckpointInfo(dir=root, iteration=iteration,
                           shard_paths=tuple(folder / SHARD_NAME.format(r) for r in range(num_shards)),
                           num_shards=num_shards, model_config=model_config)
 
 
-def is_ignored_key(name: str) -> bool:
-    """True for checkpoint entries that are accepted but dropped (rotary inv_freq buffers)."""
-    return _IGNORED_KEYS.fullmatch(name) is not None
+# `latest` holds a few characters (SAT writes e.g. "49300"); anything longer is not a `latest` file.
+_LATEST_MAX_BYTES = 64
 
 
-def read_shard(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read one shard file's `module` state dict (memory-mapped when possible) without unpickling code."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    # New-style torch.save files are zip archives and can be memory-mapped; legacy files cannot.
-    is_zip = magic == b"PK\x03\x04"
-    if is_zip and not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is truncated or corrupt (its zip archive has no end record); copy it again")
+def _read_latest(latest: Path) -> str:
+    """The iteration named by a `latest` file, with a message naming the file when it holds anything else."""
+    expected = "it should hold the iteration number (e.g. 1000) or the word `release`, as SAT writes it"
+    size = latest.stat().st_size
+    with open(latest, "rb") as f:
+        raw = f.read(_LATEST_MAX_BYTES + 1)
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if found:
-            raise ValueError(f"{path} contains the global {found.group(1)}, which glmkit refuses to unpickle; "
-                             f"checkpoints may hold only tensors, plain containers and argparse.Namespace")
-        # torch's message suggests weights_only=False, which would run arbitrary code; keep only the cause.
-        cause = str(error).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        raise ValueError(f"{path} is truncated or corrupt: {cause}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is truncated or corrupt: {error}") from None
-    if not isinstance(data, dict) or "module" not in data:
-        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path} has no `module` entry (found {found}); expected a SAT model_states file")
-    module = data["module"]
-    if not isinstance(module, dict):
-        raise ValueError(f"{path}: `module` is a {type(module).__name__}, expected a state dict")
-    state = {}
-    for name, value in module.items():
-        if is_ignored_key(name):
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, expected a tensor")
-        state[name] = value
-    return state
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{latest} is not text ({size} bytes, starting {raw[:16]!r}); {expected}") from None
+    if size > _LATEST_MAX_BYTES:
+        raise ValueError(f"{latest} is {size} bytes long, starting {text[:16]!r}; {expected}")
+    iteration = text.strip()  # files written by older glmkit (and by hand) end in a newline
+    if iteration != "release" and not iteration.isdigit():
+        raise ValueError(f"{latest} holds {iteration!r}; {expected}")
+    return iteration
 
 
-def expected_shapes(config: GLMConfig, world_size: int = 1,
-                    bits: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Per-rank shape of every tensor of a `world_size`-way model (world_size=1: the full shapes).
+def _missing_shards(folder: Path, found: int, total: int, why: str,
+                    fix: str = "copy the missing file(s) there") -> FileNotFoundError:
+    names = [SHARD_NAME.format(r) for r in range(found, total)]
+    what = f"shard file {names[0]} is" if len(names) == 1 else f"shard files {', '.join(names)} are"
+    return FileNotFoundError(f"{what} missing from {folder}: {why}, but only {found} shard file(s) are there; "
+                             f"{fix}")
 
-    With `bits` (8 or 4) the four linear weights of each layer are quantized: int8 (out, in*bits/8), each
-    followed by its `<name>_scale` (out,).
+
+def _check_declared_shards(declared, found: int, folder: Path, config_path: Path) -> None:
+    """model_config.json's model_parallel_size (when it has one) must match the shard files present."""
+    if declared is None:
+        return
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+        raise ValueError(f"{config_path}: model_parallel_size is {declared!r}; expected a positive integer")
+    if declared > found:
+        raise _missing_shards(folder, found, declared, f"{config_path.name} says model_parallel_size={declared}",
+                              "copy the missing file(s) there, or correct model_parallel_size if the checkpoint "
+                              "was re-split")
+    if declared < found:
+        raise ValueError(f"{config_path} says model_parallel_size={declared} but {folder} holds {found} shard "
+                         f"files; remove the extra files or correct model_parallel_size")
+
+
+def _check_shards_complete(info: CheckpointInfo, config: GLMConfig, state: dict[str, torch.Tensor],
+                           path: Path) -> None:
+    """Name the missing shard files when a shard's slice of the vocabulary and heads implies more shards.
+
+    Without model_config.json a folder missing its last rank files looks like a smaller checkpoint; the
+    split of one shard tells the real count, if vocabulary and heads agree on it (if not, the config is
+    what does not fit, and the shape check says so).
     """
-    config.check_shardable(world_size)
-    if bits is not None:
-        check_bits(bits)
-    h, f, v = config.hidden_size, config.inner_hidden_size, config.vocab_size
-    full = {"transformer.word_embeddings.weight": (v, h)}
-    for i in range(config.num_layers):
-        p = f"transformer.layers.{i}."
-        full.update({
-            p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
-            p + "attention.query_key_value.weight": (3 * h, h), p + "attention.query_key_value.bias": (3 * h,),
-            p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
-            p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
-            p + "mlp.dense_h_to_4h.weight": (2 * f, h), p + "mlp.dense_h_to_4h.bias": (2 * f,),
-            p + "mlp.dense_4h_to_h.weight": (h, f), p + "mlp.dense_4h_to_h.bias": (h,),
-        })
-    full.update({"transformer.final_layernorm.weight": (h,), "transformer.final_layernorm.bias": (h,)})
-    if bits is not None:
-        quantized = {}
-        for name, shape in full.items():
-            if is_quantized_weight(name):
-                quantized[name] = (shape[0], packed_columns(shape[1], bits))
-                quantized[name + SCALE_SUFFIX] = (shape[0],)
-            else:
-                quantized[name] = shape
-        full = quantized
-    result = {}
-    for name, shape in full.items():
-        try:
-            result[name] = shard_shape(name, shape, world_size)
-        except ValueError:
-            if bits == 4 and is_quantized_weight(name):
-                raise ValueError(f"{name}: INT4 packs two input features per byte, so its {2 * shape[1]} input "
-                                 f"features are {shape[1]} bytes, which cannot be split {world_size} ways on "
-                                 f"byte boundaries; choose a shard count that divides {shape[1]}") from None
-            raise
-    return result
+    embedding = state.get("transformer.word_embeddings.weight")
+    qkv = state.get("transformer.layers.0.attention.query_key_value.weight")
+    if embedding is None or qkv is None or embedding.dim() != 2 or qkv.dim() != 2:
+        return  # the key check reports it
+    rows, qkv_rows = embedding.shape[0], qkv.shape[0]
+    vocab, fused = config.vocab_size, 3 * config.hidden_size
+    if not rows or vocab % rows or not qkv_rows or fused % qkv_rows or vocab // rows != fused // qkv_rows:
+        return
+    implied = vocab // rows
+    if implied > info.num_shards:
+        heads = qkv_rows // (3 * config.head_dim)
+        raise _missing_shards(path.parent, info.num_shards, implied,
+                              f"{path.name} holds {rows} of the {vocab} vocabulary rows and {heads} of the "
+                              f"{config.num_attention_heads} heads, a {implied}-way split")
 
 
-def expected_dtype_ok(name: str, tensor: torch.Tensor, bits: int | None) -> bool:
-    """Whether `tensor` has a dtype a checkpoint entry `name` may have (int8 for quantized weights)."""
-    if bits is not None and is_quantized_weight(name):
-        return tensor.dtype == torch.int8
-    return tensor.is_floating_point()
+def _layout(info: CheckpointInfo, config: GLMConfig, state: dict[str, torch.Tensor],
+            path: Path) -> tuple[int | None, dict[str, tuple[int, ...]]]:
+    """Stored bits and per-shard shapes of checkpoint `info` under `config`, judged from its shard `state`."""
+    _check_shards_complete(info, config, state, path)
+    try:
+        config.check_shardable(info.num_shards)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {info.dir} has {info.num_shards} shards, which this config cannot have "
+                         f"({error}); the config probably does not describe this checkpoint") from None
+    stored = stored_quantization(state, config, path)
+    return stored, expected_shapes(config, info.num_shards, stored)
 
 
-def _check_shard(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], path: Path,
-                 bits: int | None = None) -> None:
-    """Raise unless `state` has exactly the expected names and shapes (and int8 quantized weights)."""
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(set(state) - set(shapes))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the model config: missing keys {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
-                         f"{' ...' if len(unexpected) > 20 else ''} (is the config right for this checkpoint?)")
-    for name, shape in shapes.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {shape} "
-                             f"(is the config right for this checkpoint?)")
-        if bits is not None and not expected_dtype_ok(name, state[name], bits):
-            raise ValueError(f"{path}: {name} has dtype {state[name].dtype}, which an INT{bits} checkpoint "
-                             f"cannot hold (quantized weights are int8, the rest floating point)")
+@dataclass(frozen=True)
+class CheckpointCheck:
+    """What check_checkpoint verified: the folder, the stored quantization and every tensor's metadata."""
+
+    info: CheckpointInfo
+    quantization: int | None  # bits of the stored quantized weights, None if unquantized
+    num_tensors: int
+    dtypes: tuple[str, ...]
+
+
+def check_checkpoint(dir: str | Path, config: GLMConfig) -> CheckpointCheck:
+    """Run the checks loading runs (latest, shard count, keys, shapes, dtypes) on every shard of `dir`.
+
+    No tensor data is read from zip-format shards (torch.save's default): they are memory-mapped and only
+    shapes and dtypes are looked at. Legacy-format files cannot be mapped and are read whole.
+    """
+    info = inspect_checkpoint(dir)
+    first = read_shard(info.shard_paths[0])
+    stored, shapes = _layout(info, config, first, info.shard_paths[0])
+    dtypes, count = set(), 0
+    for j, path in enumerate(info.shard_paths):
+        state = first if j == 0 else read_shard(path)
+        check_shard(state, shapes, path, stored)
+        dtypes.update(str(t.dtype).removeprefix("torch.") for t in state.values())
+        count += len(state)
+        del state
+    return CheckpointCheck(info=info, quantization=stored, num_tensors=count, dtypes=tuple(sorted(dtypes)))
 
 
 def _check_shard_count(config: GLMConfig, num_shards: int, what: str) -> None:
@@ -204,26 +196,6 @@ def _check_shard_count(config: GLMConfig, num_shards: int, what: str) -> None:
         config.check_shardable(num_shards)
     except ValueError as error:
         raise ValueError(f"{what}: {error}") from None
-
-
-def stored_quantization(state: dict[str, torch.Tensor], config: GLMConfig,
-                        path: str | Path = "shard") -> int | None:
-    """Bits of a shard's quantized weights (8 or 4) from its keys and shapes, or None if unquantized."""
-    probe = "transformer.layers.0.attention.query_key_value.weight"  # column-parallel: in = hidden always
-    if not any(name.endswith(SCALE_SUFFIX) for name in state):
-        if probe in state and state[probe].dtype == torch.int8:
-            raise ValueError(f"{path}: {probe} is int8 but the shard has no `_scale` entries; "
-                             f"a quantized checkpoint needs both")
-        return None
-    if probe not in state:
-        return 8  # the key check reports what is missing
-    columns, hidden = state[probe].shape[1], config.hidden_size
-    if columns == hidden:
-        return 8
-    if 2 * columns == hidden:
-        return 4
-    raise ValueError(f"{path}: quantized {probe} has {columns} columns, which is neither INT8 ({hidden}) nor "
-                     f"INT4 ({hidden // 2}) for hidden size {hidden}; is the config right for this checkpoint?")
 
 
 def checkpoint_quantization(dir: str | Path, config: GLMConfig) -> int | None:
@@ -289,21 +261,15 @@ def load_rank_state_dict(dir: str | Path, config: GLMConfig, rank: int = 0, worl
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is out of range for world size {world_size}")
     info = inspect_checkpoint(dir)
-    try:
-        config.check_shardable(info.num_shards)
-    except ValueError as error:
-        raise ValueError(f"checkpoint {info.dir} has {info.num_shards} shards, which this config cannot have "
-                         f"({error}); the config probably does not describe this checkpoint") from None
     device = None if device is None else torch.device(device)
     needed = source_ranks(rank, world_size, info.num_shards)
     first = read_shard(info.shard_paths[needed.start])
-    stored = stored_quantization(first, config, info.shard_paths[needed.start])
+    stored, shapes = _layout(info, config, first, info.shard_paths[needed.start])
     _check_mode(stored, quantization, info.dir)
-    shapes = expected_shapes(config, info.num_shards, stored)
 
     def checked(j: int, state: dict | None = None) -> dict[str, torch.Tensor]:
         state = read_shard(info.shard_paths[j]) if state is None else state
-        _check_shard(state, shapes, info.shard_paths[j], stored)
+        check_shard(state, shapes, info.shard_paths[j], stored)
         return state
 
     sources = [checked(needed.start, first)] + [checked(j) for j in needed[1:]]
@@ -365,8 +331,9 @@ def _iteration_folder(dir: Path, iteration: int | str) -> Path:
 def _finish(dir: Path, iteration: int | str, model_config: dict | None) -> None:
     if model_config is not None:
         (dir / "model_config.json").write_text(json.dumps(model_config, indent=2) + "\n")
-    # `latest` is written last: a folder without it is visibly incomplete.
-    (dir / "latest").write_text(f"{iteration}\n")
+    # `latest` is written last: a folder without it is visibly incomplete. No newline: GLM-130B's
+    # tools/convert_tp.py uses the file's text unstripped as the iteration folder's name.
+    (dir / "latest").write_text(str(iteration))
 
 
 def save_checkpoint(dir: str | Path, shard_state_dicts: Sequence[dict[str, torch.Tensor]],
@@ -382,8 +349,9 @@ def save_checkpoint(dir: str | Path, shard_state_dicts: Sequence[dict[str, torch
 
 
 def _rewrite(src: Path, dst: Path, num_shards: int | None, config: GLMConfig, quantization: int | None,
-             what: str) -> None:
-    info = inspect_checkpoint(src)
+             what: str, check: CheckpointCheck) -> None:
+    # `check` (check_checkpoint of src) has looked at every source shard before anything is written.
+    info = check.info
     num_shards = info.num_shards if num_shards is None else num_shards
     _check_shard_count(config, num_shards, f"cannot {what} into {num_shards} shards")
     if quantization is not None:
@@ -406,8 +374,8 @@ def _rewrite(src: Path, dst: Path, num_shards: int | None, config: GLMConfig, qu
 
 def repack_checkpoint(src: str | Path, dst: str | Path, num_shards: int, config: GLMConfig) -> None:
     """Write a `num_shards`-way copy of checkpoint `src` (quantized or not) into the new or empty folder `dst`."""
-    src = Path(src)
-    _rewrite(src, Path(dst), num_shards, config, checkpoint_quantization(src, config), "repack")
+    check = check_checkpoint(src, config)
+    _rewrite(Path(src), Path(dst), num_shards, config, check.quantization, "repack", check)
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, config: GLMConfig,
@@ -418,7 +386,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, config: GLM
     small temporaries beyond the memory-mapped source. A source already quantized to `bits` is repacked.
     """
     check_bits(bits)
-    _rewrite(Path(src), Path(dst), num_shards, config, bits, "quantize")
+    _rewrite(Path(src), Path(dst), num_shards, config, bits, "quantize", check_checkpoint(src, config))
 
 
 def config_from_checkpoint(dir: str | Path, **overrides) -> GLMConfig:

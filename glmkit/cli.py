@@ -87,12 +87,24 @@ def _repack(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .checkpoint import inspect_checkpoint
+    from .checkpoint import check_checkpoint, config_from_checkpoint
 
-    info = inspect_checkpoint(args.dir)
+    if args.config:
+        config, source = load_config(args.config).model, args.config
+    else:
+        try:
+            config, source = config_from_checkpoint(args.dir), "model_config.json and shard shapes"
+        except ValueError as error:
+            raise ValueError(f"{error}; or name the architecture with --config") from None
+    # The same checks as loading (latest, shard count, keys, shapes, dtypes), on every shard, without reading
+    # tensor data.
+    check = check_checkpoint(args.dir, config)
+    info = check.info
     print(json.dumps({"dir": str(info.dir), "iteration": info.iteration, "num_shards": info.num_shards,
-                      "shards": [str(p) for p in info.shard_paths], "model_config": info.model_config},
-                     indent=2))
+                      "shards": [str(p) for p in info.shard_paths], "model_config": info.model_config,
+                      "checked_against": source,
+                      "quantization": None if check.quantization is None else f"int{check.quantization}",
+                      "tensors": check.num_tensors, "dtypes": list(check.dtypes)}, indent=2))
     return 0
 
 
@@ -218,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="also write the JSON to this file")
     bench.set_defaults(run=_bench)
 
-    inspect = commands.add_parser("inspect", help="show a SAT checkpoint's iteration, shards and config")
+    inspect = commands.add_parser("inspect", help="check a SAT checkpoint as loading would (without reading "
+                                                  "tensor data) and show its iteration, shards and config")
     inspect.add_argument("dir")
+    inspect.add_argument("--config", help="config naming the architecture to check against (default: "
+                                          "model_config.json and the shard shapes)")
     inspect.set_defaults(run=_inspect)
     return parser
 

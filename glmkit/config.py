@@ -14,6 +14,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Weight-only quantization modes (glmkit.quantization) and their bit widths; None means unquantized.
 QUANTIZATION_BITS = {"int8": 8, "int4": 4}
+ROTARY_PRECISIONS = ("sat", "fp32")  # GLMConfig.rotary_precision
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class GLMConfig:
     max_sequence_length: int = 2048
     layernorm_epsilon: float = 1e-5
     rotary_base: float = 10000.0
+    # "sat": rotary tables as SAT's GLM130B computes them in the dtype the model runs in, frequencies
+    # rounded to fp16/bf16 (what the official model computes; it differs from exact rotary at long
+    # context); "fp32": exact frequencies (glmkit.model.rotary_tables).
+    rotary_precision: str = "sat"
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size",
@@ -40,6 +45,9 @@ class GLMConfig:
                              f"num_attention_heads {self.num_attention_heads}")
         if self.head_dim % 2:
             raise ValueError(f"rotary embedding needs an even head dim, got {self.head_dim}")
+        if self.rotary_precision not in ROTARY_PRECISIONS:
+            raise ValueError(f"GLMConfig.rotary_precision must be one of {list(ROTARY_PRECISIONS)}, "
+                             f"got {self.rotary_precision!r}")
 
     @property
     def head_dim(self) -> int:

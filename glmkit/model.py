@@ -24,12 +24,25 @@ MASKED_SCORE = -10000.0
 SCORE_CHUNK_ELEMENTS = 1 << 27
 
 
-def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos/sin tables for `position_ids` (b, s) -> two (b, s, 1, head_dim) tensors in `dtype`."""
-    # Computed in fp32 and rounded to the model dtype, exactly as SAT 0.4.12 does; the inv_freq buffer
-    # stored in checkpoints is ignored by SAT too.
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype,
+                  precision: str = "sat"):
+    """cos/sin tables for `position_ids` (b, s) -> two (b, s, 1, head_dim) tensors in `dtype`.
+
+    `precision` "sat" gives the tables SAT's GLM130B computes when it runs in `dtype` (the official model's
+    numbers); "fp32" the exact tables, computed in fp32 and rounded to `dtype` once (GLMConfig.rotary_precision).
+    """
+    if precision not in ("sat", "fp32"):  # GLMConfig.rotary_precision's values
+        raise ValueError(f"rotary precision must be 'sat' or 'fp32', got {precision!r}")
+    # The inv_freq buffer stored in checkpoints is ignored, as SAT ignores it: it is recomputed here.
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=position_ids.device,
                                             dtype=torch.float32) / head_dim))
+    if precision == "sat":
+        # SAT 0.4.12 computes inv_freq in fp32 but keeps it as a module buffer, so GLM-130B's
+        # `GLM130B(args).half()` rounds it to fp16 (`.bfloat16()` to bf16). Everything after that is fp32:
+        # fp32 positions times the rounded buffer (einsum promotes), cos/sin in fp32, then a cast to the
+        # activation dtype. Only the rounded frequencies differ from the exact tables, but their error grows
+        # with the position: up to 0.49 in cos near position 2041 at head dim 128 in fp16.
+        inv_freq = inv_freq.to(dtype).float()
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (b, s, hd/2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (b, s, 1, hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -218,7 +231,8 @@ class GLM(nn.Module):
         if allowed.shape != expected:
             raise ValueError(f"attention mask has shape {tuple(allowed.shape)}; expected {expected}")
         residual, branch = None, self.transformer.word_embeddings(input_ids)  # (b, s, h)
-        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base, branch.dtype)
+        cos, sin = rotary_tables(position_ids, self.config.head_dim, self.config.rotary_base, branch.dtype,
+                                 self.config.rotary_precision)
         for layer in self.transformer.layers:
             residual, branch = layer(residual, branch, cos, sin, allowed, cache, slots)
         if last_only:

@@ -18,8 +18,14 @@ What it does (details and the numbers of a run in docs/fidelity.md):
      where they first diverge. fp16 throughout; glmkit fp32 is added as a rounding-noise yardstick
      (SAT's GLM130B cannot run fp32: `sat_fp32` in the summary records why).
 
+  5. With --long-prompt N (>= 1500): one [gMASK] prompt of N random tokens instead, max sequence 2048, and
+     head 0 of every layer turned into a sharp positional head that reads the tokens 1000 and 1001 back
+     (`add_offset_heads`). Short prompts and random weights cannot tell rotary tables apart; this can:
+     the control `control_exact_rotary` (glmkit with rotary_precision "fp32") shows what exact tables cost.
+
 Usage (on a machine with 1 or 2 CUDA GPUs, SAT importable):
     PYTHONUNBUFFERED=1 python scripts/fidelity_sat.py [--steps 32] [--out fidelity.json]
+    PYTHONUNBUFFERED=1 python scripts/fidelity_sat.py --long-prompt 1600 --no-tp --out long.json
 Prints a JSON summary; writes it to --out, or to $OUT/fidelity.json when $OUT is set. Exit status 3
 when a comparison fails (a max abs logit diff exceeds --tol, or greedy tokens differ other than by a
 flip at a near tie), 1 on a crash.
@@ -27,8 +33,10 @@ flip at a near tie), 1 on a crash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 from functools import partial
 import os
 import sys
@@ -47,6 +55,7 @@ from glmkit.checkpoint import expected_shapes, save_checkpoint  # noqa: E402
 from glmkit.config import GLMConfig, KitConfig  # noqa: E402
 from glmkit.generate.tokens import Context, next_positions, prefill_inputs  # noqa: E402
 from glmkit.generate.blanks import plan_prompt  # noqa: E402
+import glmkit.model  # noqa: E402
 from glmkit.model import KVCache  # noqa: E402
 from glmkit.generate.pipeline import load_model  # noqa: E402
 from glmkit.lab.sat_reference import (SATRunner, close_distributed, init_distributed,  # noqa: E402
@@ -73,7 +82,53 @@ def model_config(opts) -> GLMConfig:
     # GLM-130B's architecture at a size that runs in seconds: head dim 128 as in GLM-130B; inner size
     # divisible by 2 ranks x 2 GeGLU halves; the demo tokenizer's padded vocabulary.
     return GLMConfig(num_layers=opts.layers, hidden_size=opts.hidden, num_attention_heads=opts.heads,
-                     inner_hidden_size=opts.inner, vocab_size=opts.vocab, max_sequence_length=512)
+                     inner_hidden_size=opts.inner, vocab_size=opts.vocab,
+                     max_sequence_length=2048 if opts.long_prompt else 512)
+
+
+# Long-context mode: the offset head 0 of each layer reads, and the positions above it are where it matters.
+LONG_OFFSET = 1000
+
+
+def add_offset_heads(state: dict[str, torch.Tensor], config: GLMConfig, offset: int = LONG_OFFSET) -> None:
+    """Make head 0 of every layer a positional head that splits its attention between offsets `offset`, `offset`+1.
+
+    q and k are constant (their weight rows zero, biases only), so a score is a sum over frequency pairs i of
+    a_i * cos(d * theta_i - phase_i) at query-key distance d: rotary alone decides where attention goes. The
+    phases put the peak half-way between the two offsets on exact frequencies, and the peak score is 60, so
+    attention is sharp and sits on a knife edge there: frequencies rounded to fp16, as SAT's are, move each
+    angle by d x rounding error and tip it. Pair 1 gets the largest weight (its angle moves most: 0.24 rad at
+    d = 1000); the pairs from 4 up keep the peak in place.
+    """
+    hd, half = config.head_dim, config.head_dim // 2
+    weight = torch.zeros(half, dtype=torch.float64)
+    weight[1] = 20.0
+    weight[4:] += 40.0 / (half - 4)
+    key = torch.zeros(hd, dtype=torch.float64)
+    key[:half] = (weight * math.sqrt(hd)).sqrt()  # q.k / sqrt(hd) = the sum of the weights at the peak
+    angle = -(offset + 0.5) / config.rotary_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    query = torch.cat([key[:half] * angle.cos() - key[half:] * angle.sin(),
+                       key[half:] * angle.cos() + key[:half] * angle.sin()])  # key rotated back by offset + 0.5
+    for i in range(config.num_layers):
+        p = f"transformer.layers.{i}.attention.query_key_value."
+        # SAT's per-head [q, k, v] layout: head 0's q and k are the first 2 * hd output rows.
+        state[p + "weight"][:2 * hd] = 0
+        state[p + "bias"][:hd], state[p + "bias"][hd:2 * hd] = query.half(), key.half()
+
+
+@contextlib.contextmanager
+def fp16_rotary_tables():
+    """glmkit in fp32 with the official fp16 rotary tables: fp32 arithmetic on SAT's numbers (the yardstick)."""
+    exact = glmkit.model.rotary_tables
+
+    def official(position_ids, head_dim, base, dtype, precision="sat"):
+        return tuple(t.to(dtype) for t in exact(position_ids, head_dim, base, torch.float16, precision))
+
+    glmkit.model.rotary_tables = official
+    try:
+        yield
+    finally:
+        glmkit.model.rotary_tables = exact
 
 
 def random_state(config: GLMConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -108,8 +163,10 @@ def random_state(config: GLMConfig, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_checkpoints(config: GLMConfig, root: Path, seed: int) -> dict[int, Path]:
+def write_checkpoints(config: GLMConfig, root: Path, seed: int, offset_heads: bool = False) -> dict[int, Path]:
     state = random_state(config, seed)
+    if offset_heads:
+        add_offset_heads(state, config)
     paths = {}
     for shards in (1, 2):
         path = root / f"ckpt_{shards}shard"
@@ -132,6 +189,15 @@ PLANNED_TOKENS = {
              20015, 20349, 20053, 20539, 20452, 21260, 20125, 20065, 20006, 20002),
 }
 MASK_ID, GMASK_ID, SOP_ID = 22000, 22001, 22004  # the demo tokenizer's [MASK], [gMASK], <sop>
+
+
+def long_cases(config: GLMConfig, length: int, seed: int) -> tuple[dict[str, list[Context]], str]:
+    """One [gMASK] prompt of `length` random text ids (no special ids), then [gMASK] and sop."""
+    if length + 2 + 64 > config.max_sequence_length or length <= LONG_OFFSET + 100:
+        raise SystemExit(f"--long-prompt must be between {LONG_OFFSET + 101} and {config.max_sequence_length - 66}")
+    generator = torch.Generator().manual_seed(seed)
+    tokens = tuple(torch.randint(20000, MASK_ID, (length,), generator=generator).tolist())
+    return {"long": [Context(tokens + (GMASK_ID, SOP_ID), None)]}, f"{length} random text ids (seed {seed})"
 
 
 def build_cases(config: GLMConfig) -> tuple[dict[str, list[Context]], str]:
@@ -256,7 +322,7 @@ def single_process_phase(config, ckpts, cases, steps, device, backend) -> dict:
     results, notes = {}, {}
     sat, notes["sat_mp1_weight_check"] = load_sat(config, ckpts[1], 1, device, patch=False)
     # Evidence for quirk 1: SAT unpatched, on GLM-130B's own bool mask.
-    ids, positions, allowed, _ = prefill_inputs(cases["gmask"], device)
+    ids, positions, allowed, _ = prefill_inputs(next(iter(cases.values())), device)
     try:
         with torch.no_grad():
             sat(input_ids=ids, position_ids=positions, attention_mask=~allowed, mems=None)
@@ -284,15 +350,23 @@ def single_process_phase(config, ckpts, cases, steps, device, backend) -> dict:
                 for case in cases}
         del kit
         empty_cache()
+    if config.max_sequence_length > LONG_OFFSET:
+        # What exact rotary tables would cost against the official model (visible at long context only).
+        exact = load_model(kit_config(dataclasses.replace(config, rotary_precision="fp32"), ckpts[1], "fp16",
+                                      device))
+        results["control_exact_rotary"] = {
+            case: drive(KitRunner(exact), ctx, steps, device, forced=refs[case]["tokens"]) for case, ctx in cases.items()}
+        del exact
     kit32 = load_model(kit_config(config, ckpts[1], "fp32", device))
-    results["kit_fp32_1shard"] = run_candidate(partial(KitRunner, kit32), cases, refs, steps, device)
+    with fp16_rotary_tables():
+        results["kit_fp32_1shard"] = run_candidate(partial(KitRunner, kit32), cases, refs, steps, device)
     del kit32
     empty_cache()
 
     # SAT fp32: GLM130B with args.fp16 False (does it run at all?).
     try:
         sat32, _ = load_sat(config, ckpts[1], 1, device, fp16=False)
-        run_reference(partial(SATRunner, sat32), {"gmask": cases["gmask"]}, 2, device)
+        run_reference(partial(SATRunner, sat32), dict([next(iter(cases.items()))]), 2, device)
         notes["sat_fp32"] = "ran"
         del sat32
     except Exception as error:  # noqa: BLE001
@@ -311,7 +385,7 @@ def tp_worker(rank, world, port, backend, device_type, config, ckpts, cases, ste
     import torch.distributed as dist
     results, notes = {}, {}
     sat, notes["sat_mp2_weight_check"] = load_sat(config, ckpts[2], 2, device, patch=False)
-    ids, positions, allowed, _ = prefill_inputs(cases["gmask"], device)
+    ids, positions, allowed, _ = prefill_inputs(next(iter(cases.values())), device)
     with torch.no_grad():
         patch_sat_model(sat, 1)  # bool-mask fix only: shows what MP=2 SAT returns without the gather
         logits = sat(input_ids=ids, position_ids=positions, attention_mask=~allowed, mems=None)[0]
@@ -372,6 +446,9 @@ def compare(name: str, cand: dict, ref: dict, case: str, contexts: list[Context]
     return {
         "candidate": name, "case": case, "batch": len(contexts),
         "prefill_max_abs_diff": float(prefill_diff.max()),
+        # Positions a long prompt's offset heads read from 1000 back (None for short prompts).
+        "prefill_max_abs_diff_above_1000": float(prefill_diff[:, LONG_OFFSET + 1:].max())
+        if prefill_diff.shape[1] > LONG_OFFSET + 1 else None,
         "decode_max_abs_diff": float(decode_diff.max()) if decode_diff.numel() else None,
         "decode_steps": int(decode_diff.shape[1]),
         "decode_max_abs_diff_first16": float(per_step[:16].max()) if per_step.numel() else None,
@@ -416,15 +493,17 @@ def summarise(single: dict, tp: dict | None, cases, steps, tol) -> dict:
             e = compare(a, res[a][case], res[b][case], case, contexts)
             e["reference"] = b
             yardsticks.append({k: e[k] for k in ("candidate", "reference", "case", "prefill_max_abs_diff",
-                                                 "decode_max_abs_diff", "decode_steps", "greedy_identical",
+                                                 "prefill_max_abs_diff_above_1000", "decode_max_abs_diff", "decode_steps", "greedy_identical",
                                                  "first_divergence_step")})
-    for control in ("control_causal_mask", "control_unpinned_positions"):
+    for control in [c for c in ("control_causal_mask", "control_unpinned_positions", "control_exact_rotary")
+                    if c in res]:
         for case, contexts in cases.items():
             if control == "control_unpinned_positions" and all(c.pinned_position is None for c in contexts):
                 continue  # identical to the real thing for [gMASK]
             e = compare(control, res[control][case], res["sat_fp16_mp1"][case], case, contexts)
-            controls.append({k: e[k] for k in ("candidate", "case", "prefill_max_abs_diff",
-                                               "decode_max_abs_diff")})
+            controls.append({**{k: e[k] for k in ("candidate", "case", "prefill_max_abs_diff",
+                                                  "prefill_max_abs_diff_above_1000", "decode_max_abs_diff")},
+                             "argmax_agrees_teacher_forced": e["greedy_identical"]})
     ref_tokens = {case: res["sat_fp16_mp1"][case]["tokens"].tolist() for case in cases}
     return {"checks": checks, "yardsticks": yardsticks, "controls": controls,
             "sat_mp1_greedy_tokens": ref_tokens, "pass": all(c["ok"] for c in checks)}
@@ -442,6 +521,9 @@ def main(argv=None) -> int:
                         help="max abs logit diff allowed (fp16 logits here reach about 10-15)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--no-tp", action="store_true", help="skip the 2-GPU phase even with 2 GPUs")
+    parser.add_argument("--long-prompt", type=int, default=0, metavar="N",
+                        help="one prompt of N (>= 1101) random tokens on weights with sharp offset-1000 heads, "
+                             "max sequence 2048, instead of the short prompts")
     parser.add_argument("--sat-no-jit-fusion", action="store_true",
                         help="turn off the TorchScript GPU fuser that GLM130B.__init__ switches on (fallback "
                              "if SAT's scripted rotary functions fail to compile on this torch)")
@@ -471,10 +553,11 @@ def main(argv=None) -> int:
 
     started = time.time()
     config = model_config(opts)
-    cases, token_source = build_cases(config)
+    cases, token_source = long_cases(config, opts.long_prompt, opts.seed) if opts.long_prompt \
+        else build_cases(config)
     with tempfile.TemporaryDirectory(dir=opts.workdir) as tmp:
         workdir = Path(tmp)
-        ckpts = write_checkpoints(config, workdir, opts.seed)
+        ckpts = write_checkpoints(config, workdir, opts.seed, offset_heads=bool(opts.long_prompt))
         print(f"[fidelity] checkpoints written in {time.time() - started:.1f}s", flush=True)
         single = single_process_phase(config, ckpts, cases, opts.steps, device, backend)
         print(f"[fidelity] single-process phase done at {time.time() - started:.1f}s", flush=True)
@@ -514,10 +597,13 @@ def main(argv=None) -> int:
 
 
 def print_table(summary: dict) -> None:
-    print("\ncandidate                    reference      case          prefill    decode     greedy")
-    for c in summary["checks"]:
-        print(f"{c['candidate']:<28} {c['reference']:<14} {c['case']:<13} {c['prefill_max_abs_diff']:<10.3g} "
-              f"{c['decode_max_abs_diff']:<10.3g} {'same' if c['greedy_identical'] else c['first_divergence_step']}")
+    print("\ncandidate                    reference      case          prefill    >1000      decode     greedy")
+    for c in summary["checks"] + summary["controls"]:
+        far = c["prefill_max_abs_diff_above_1000"]
+        greedy = c.get("greedy_identical", c.get("argmax_agrees_teacher_forced"))
+        print(f"{c['candidate']:<28} {c.get('reference', 'sat_fp16_mp1'):<14} {c['case']:<13} "
+              f"{c['prefill_max_abs_diff']:<10.3g} {'-' if far is None else f'{far:.3g}':<10} "
+              f"{c['decode_max_abs_diff']:<10.3g} {'same' if greedy else c.get('first_divergence_step', 'differs')}")
     print(f"pass: {summary['pass']}")
 
 
