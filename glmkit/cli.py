@@ -3,47 +3,118 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
 import time
+import typing
 
 from .config import load_config
+from .escapes import unescape
+from .generate.sampling import DESCRIPTIONS, GenerationSettings
+from .tokenizer import MASK_PATTERN
 
 
 def _generate(args) -> int:
     from .generate.pipeline import GLMPipeline
 
     overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v}
+    # Only the flags given reach the settings: every other field keeps GenerationSettings' default.
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings) if hasattr(args, f.name)}
+    if "stop" in kwargs:
+        kwargs["stop"] = tuple(kwargs["stop"])
+    GenerationSettings.from_kwargs(**kwargs)  # bad settings fail before the model loads
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     started = time.perf_counter()
     pipeline = GLMPipeline.from_config(args.config, **overrides)
     loaded = time.perf_counter()
-    kwargs = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                  do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  num_beams=args.num_beams, length_penalty=args.length_penalty,
-                  no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=args.repetition_penalty,
-                  stop=tuple(args.stop), seed=args.seed)
-
-    def stream(event):
-        print(event.text, end="", flush=True)
-
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.stream:
-        print(prompt, end="", flush=True)
-    result = pipeline.generate(prompt, on_text=stream if args.stream else None, **kwargs)
+    stream = _InPlaceStream(prompt) if args.stream else None
+    result = pipeline.generate(prompt, on_text=stream, **kwargs)
     done = time.perf_counter()
+    if stream is not None:
+        stream.finish(result)
+    logprobs = [_logprob_rows(pipeline.tokenizer, b.logprobs) for b in result.blanks] \
+        if result.blanks and result.blanks[0].logprobs is not None else None
     if args.json:
-        print(json.dumps({"prompt": result.prompt, "text": result.text,
-                          "blanks": [b.text for b in result.blanks], "finish_reason": result.finish_reason,
-                          "prompt_tokens": result.num_prompt_tokens,
-                          "generated_tokens": result.num_generated_tokens,
-                          "load_seconds": round(loaded - started, 3),
-                          "generate_seconds": round(done - loaded, 3)}, ensure_ascii=False))
-    elif args.stream:
-        print()
-    else:
+        record = {"prompt": result.prompt, "text": result.text,
+                  "blanks": [b.text for b in result.blanks], "finish_reason": result.finish_reason,
+                  "prompt_tokens": result.num_prompt_tokens,
+                  "generated_tokens": result.num_generated_tokens,
+                  "load_seconds": round(loaded - started, 3),
+                  "generate_seconds": round(done - loaded, 3)}
+        if logprobs is not None:
+            record["logprobs"] = logprobs
+        print(json.dumps(record, ensure_ascii=False))
+        return 0
+    if stream is None:
         print(result.text)
+    for number, rows in enumerate(logprobs or (), start=1):
+        print(f"\nblank {number}: token, logprob, top alternatives")
+        for row in rows:
+            top = "  ".join(f"{piece!r} {lp:.3f}" for piece, lp in row["top"])
+            print(f"  {row['piece']!r:<16} {row['logprob']:8.3f}  {top}")
     return 0
+
+
+class _InPlaceStream:
+    """Streams a generation in reading order: the prompt's text up to each mask, then that blank's tokens.
+
+    `finish(result)` writes the text after the last blank; should the stream not spell out `result.text`
+    (text held back as a possible stop string, then kept), the filled text follows on its own.
+    """
+
+    def __init__(self, prompt: str):
+        self.pieces = MASK_PATTERN.split(prompt)  # text around the masks; no mask: the whole prompt
+        self.blank = 0  # the blank being streamed; pieces[:blank + 1] are written
+        self.written: list[str] = []
+        self._write(self.pieces[0])
+
+    def _write(self, text: str) -> None:
+        self.written.append(text)
+        print(text, end="", flush=True)
+
+    def _advance(self, blank: int) -> None:
+        while self.blank < blank:  # the blanks before are done: the text after each comes next
+            self.blank += 1
+            if self.blank < len(self.pieces):
+                self._write(self.pieces[self.blank])
+
+    def __call__(self, event) -> None:
+        self._advance(event.blank)
+        self._write(event.text)
+
+    def finish(self, result) -> None:
+        """End the stream with the rest of the prompt, and the filled text if the stream differs from it."""
+        self._advance(len(self.pieces) - 1)
+        if "".join(self.written) != result.text:
+            print(f"\n\nfilled text:\n{result.text}", end="")
+        print()
+
+
+def _logprob_rows(tokenizer, records) -> list[dict]:
+    """One blank's TokenLogprob records as plain rows with the pieces spelled out."""
+    return [{"token": r.token, "piece": tokenizer.id_to_piece(r.token), "logprob": round(r.logprob, 4),
+             "top": [(tokenizer.id_to_piece(t), round(lp, 4)) for t, lp in r.top]} for r in records or ()]
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per GenerationSettings field: name, type and default from the field, help from DESCRIPTIONS."""
+    hints = typing.get_type_hints(GenerationSettings)
+    for f in dataclasses.fields(GenerationSettings):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        # Unset flags are left out of the namespace, so the dataclass default is the only default.
+        options = dict(default=argparse.SUPPRESS, help=f"{DESCRIPTIONS[f.name]} (default: {f.default!r})")
+        if kind is bool:
+            options.update(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(kind) is tuple:
+            options.update(action="append", type=unescape, metavar="TEXT",
+                           help=f"{DESCRIPTIONS[f.name]}; repeatable; \\n newline, \\t tab, \\s space, \\\\ "
+                                f"backslash, as in the Playground")
+        else:
+            args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]  # int | None -> int
+            options.update(type=args[0], metavar=args[0].__name__.upper())
+        parser.add_argument(flag, **options)
 
 
 def _demo(args) -> int:
@@ -78,9 +149,10 @@ def _demo(args) -> int:
 
 
 def _repack(args) -> int:
-    from .checkpoint import repack_checkpoint
+    from .checkpoint import config_from_checkpoint, repack_checkpoint
 
-    config = load_config(args.config).model
+    # The checkpoint describes itself (model_config.json, else its tensor shapes); --config overrides.
+    config = load_config(args.config).model if args.config else config_from_checkpoint(args.src)
     repack_checkpoint(args.src, args.dst, args.shards, config)
     print(f"wrote {args.shards} shard(s) to {args.dst}")
     return 0
@@ -172,18 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--config", default="glm-tiny", help="config name under configs/ or a YAML path")
     gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
     gen.add_argument("--device")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--min-new-tokens", type=int, default=0)
-    gen.add_argument("--do-sample", action="store_true")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--num-beams", type=int, default=1)
-    gen.add_argument("--length-penalty", type=float, default=1.0)
-    gen.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    gen.add_argument("--seed", type=int)
+    add_generation_flags(gen)
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     gen.add_argument("--json", action="store_true", help="print the result as one JSON object")
     gen.set_defaults(run=_generate)
@@ -199,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     repack.add_argument("src")
     repack.add_argument("dst")
     repack.add_argument("--shards", type=int, required=True)
-    repack.add_argument("--config", default="glm-130b", help="config naming the model architecture")
+    repack.add_argument("--config", help="config naming the model architecture (default: the checkpoint's "
+                                         "model_config.json, else its tensor shapes)")
     repack.set_defaults(run=_repack)
 
     bench = commands.add_parser("bench", help="decode/prefill speed on random weights against the bandwidth "
@@ -250,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, SATUnavailableError) as error:
-        print(f"glmkit {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, NotImplementedError, SATUnavailableError) as error:
+        # glmkit's own errors name the parameter and the fix: one line, no traceback. OSError covers
+        # missing files and non-empty destination folders.
+        print(f"glmkit: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -140,33 +140,58 @@ def break_even_batch(ms_per_token_at: dict[int, float], node: CloudNode | OwnedN
     return None
 
 
+def setup_columns(table: pd.DataFrame) -> list[str]:
+    """The columns that name one measured setup: card (when the table has it), precision and GPU count."""
+    return [c for c in ("card", "precision", "gpus") if c in table]
+
+
 def cost_by_batch(throughput: pd.DataFrame, node: CloudNode | OwnedNode, api_dollars_per_1k: float,
                   model: str | None = None) -> pd.DataFrame:
-    """$/1M tokens per (precision, gpus, batch) of one model's measurements, sorted for plotting."""
+    """$/1M tokens per (card, precision, gpus, batch) of one model's measurements, sorted for plotting."""
     rows = throughput if model is None else throughput[throughput["model"] == model]
     if rows.empty:
         raise ValueError(f"no measurements for model {model!r}; measured: {sorted(set(throughput['model']))}")
     table = cost_table(rows, node, api_dollars_per_1k)
-    return table.sort_values(["precision", "gpus", "batch"]).reset_index(drop=True)
+    return table.sort_values(setup_columns(table) + ["batch"]).reset_index(drop=True)
 
 
 def break_even_by_setup(table: pd.DataFrame, node: CloudNode | OwnedNode, api_dollars_per_1k: float) -> pd.DataFrame:
-    """For each (precision, gpus) of a cost table: the smallest batch as cheap as the API, or None."""
+    """For each setup (card, precision, gpus) of a cost table: the smallest batch as cheap as the API, and why.
+
+    `break_even_batch` is None where no measured batch reaches the API's price; `note` then says which
+    batches were measured and how far the largest is from the API, so an empty cell is never unexplained.
+    """
+    keys = setup_columns(table)
+    target = api_dollars_per_million(api_dollars_per_1k)
     rows = []
-    for (precision, gpus), group in table.groupby(["precision", "gpus"]):
+    for setup, group in table.groupby(keys):
         steps = dict(zip(group["batch"].astype(int), group["ms_per_token"]))
-        rows.append({"precision": precision, "gpus": gpus,
-                     "break_even_batch": break_even_batch(steps, node, api_dollars_per_1k)})
-    return pd.DataFrame(rows)
+        found = break_even_batch(steps, node, api_dollars_per_1k)
+        measured = sorted(steps)
+        if found is None:
+            largest = dollars_per_million_tokens(node, measured[-1] * 1000.0 / steps[measured[-1]])
+            only = f"only batch {measured[0]} was measured" if len(measured) == 1 else \
+                f"measured batches {', '.join(map(str, measured))}"
+            note = (f"not reached: {only}, and batch {measured[-1]} costs {largest / target:.2f}x the API's "
+                    f"price; measure larger batches (glmkit bench --batches 1,8,32)")
+        elif found == measured[0]:
+            note = f"already at batch {measured[0]}, the smallest measured"
+        else:
+            note = "interpolated between the measured batches around it"
+        rows.append({**dict(zip(keys, setup)), "break_even_batch": found, "note": note})
+    return pd.DataFrame(rows, columns=keys + ["break_even_batch", "note"])
 
 
 def plot_cost_by_batch(table: pd.DataFrame, api_dollars_per_1k: float, title: str = ""):
-    """$/1M tokens against batch size, one line per (precision, gpus), the API's price as a line."""
+    """$/1M tokens against batch size, one line per setup (card, precision, gpus), the API's price as a line."""
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7, 4))
-    for (precision, gpus), group in table.groupby(["precision", "gpus"]):
-        axes.plot(group["batch"], group["dollars_per_1m"], marker="o", label=f"{precision}, {gpus} GPU(s)")
+    keys = setup_columns(table)
+    for setup, group in table.groupby(keys):
+        values = dict(zip(keys, setup))
+        label = " ".join(filter(None, [values.get("card"), values["precision"]])) + f", {values['gpus']} GPU(s)"
+        axes.plot(group["batch"], group["dollars_per_1m"], marker="o", label=label)
     axes.axhline(api_dollars_per_1million := api_dollars_per_million(api_dollars_per_1k), color="gray",
                  linestyle="--", label=f"API ${api_dollars_per_1million:,.2f}/1M")
     axes.set_xscale("log", base=2)

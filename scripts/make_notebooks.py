@@ -9,7 +9,8 @@ checks them):
 - one config cell near the top, tagged `config`: a GPU user changes only that cell;
 - GPU-only cells are tagged `gpu`, start with `# GPU only` and are guarded by `torch.cuda.is_available()`,
   so on a CPU they run and do nothing;
-- a notebook that starts a cluster closes it in its last cell, tagged `teardown`.
+- a notebook that starts a cluster closes it in its last cell, tagged `teardown`; where the notebook leaves a tool
+  on screen (02, 03), that cell closes only once the user sets `DONE = True`, so Run All keeps the tool usable.
 """
 from __future__ import annotations
 

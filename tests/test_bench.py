@@ -260,3 +260,34 @@ def test_against_sat_on_cpu_dry_run(monkeypatch):
 def _port() -> int:
     from glmkit.parallel.comm import free_port
     return free_port()
+
+
+
+def test_python_overhead_is_not_negative_on_a_cpu_that_stalls(monkeypatch):
+    """A shared CPU stalls now and then; ms_per_token (a median of intervals) drops the stalls, so step_ms
+    must be the same statistic, or the overhead between them comes out negative (issue 16, defect 8).
+
+    A virtual clock makes it exact: each decode step takes 1 ms, one step in four stalls 40 ms more, and
+    nothing else takes time, so the host overhead is 0.
+    """
+    import time as time_module
+
+    from glmkit.generate.graphs import DecodeStep, StepGraphs
+    from glmkit.lab.timing import Clock
+
+    now = {"s": 0.0, "steps": 0}
+    run = DecodeStep._run
+
+    def timed_run(self):
+        now["steps"] += 1
+        now["s"] += 0.001 + (0.04 if now["steps"] % 4 == 0 else 0.0)
+        return run(self)
+
+    monkeypatch.setattr(DecodeStep, "_run", timed_run)
+    monkeypatch.setattr(time_module, "perf_counter", lambda: now["s"])
+    options = BenchOptions(config=TINY, dtype="fp32", device="cpu", batches=(1,), prompt_tokens=6, new_tokens=8,
+                           repeats=3)
+    model = build_random_model(TINY, torch.float32, torch.device("cpu"), seed=0)
+    record = bench.measure_batch(model, StepGraphs(model), 1, options, Clock(torch.device("cpu")))
+    assert record["ms_per_token"] == pytest.approx(1.0) and record["step_ms"] == pytest.approx(1.0), record
+    assert record["python_overhead_ms"] == pytest.approx(0.0, abs=1e-9), record

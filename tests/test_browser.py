@@ -4,8 +4,9 @@ JupyterLab runs on 127.0.0.1 with token auth, in a temporary root holding copies
 browser opens 02-prompt-playground, runs it, types a multi-line prompt into the Playground, clicks
 Generate, watches the streamed text grow and clicks Stop; then opens View code and selects the command line,
 saves a preset to a YAML file and loads it back, and runs compare mode; then opens 05-tokenizer-quirks, runs
-it and checks the coloured token spans and the flagged `<n>`. Screenshots go to artifacts/browser/; no
-widget label in them may be cut off (checked in the page, not only by eye).
+it and checks the coloured token spans and the flagged `<n>`. Run > Run All Cells on 02 and 03 must leave the
+Playground and FewShot on screen. Screenshots go to artifacts/browser/; no widget label, button or drop-down
+text in them may be cut off (checked in the page, not only by eye).
 
 Needs /usr/bin/chromium (`apt-get install chromium`) and the playwright package; never downloads a browser.
 Skipped without them, except under CI (the CI variable set), where a missing browser is a failure.
@@ -253,10 +254,27 @@ def labelled_input(root, label: str):
     return box.locator("input")
 
 
-# Labels and buttons whose text does not fit their box (the browser cuts it with an ellipsis).
-CLIPPED_JS = """root => [...root.querySelectorAll('label.widget-label, button, .widget-label-basic')]
-    .filter(el => el.offsetParent !== null && el.scrollWidth > el.clientWidth + 1)
-    .map(el => el.textContent.trim())"""
+# Text cut off inside a tool: labels and buttons narrower than their text (the browser cuts it with an
+# ellipsis), and drop-downs narrower than their longest option (measured in the select's own font; 24 px is
+# the arrow).
+CLIPPED_JS = """root => {
+    const clipped = [];
+    for (const el of root.querySelectorAll('label.widget-label, button, .widget-label, .widget-label-basic span')) {
+        if (el.offsetParent !== null && el.scrollWidth > el.clientWidth + 1) clipped.push(el.textContent.trim());
+    }
+    const probe = document.createElement('span');
+    probe.style.cssText = 'position:absolute;visibility:hidden;white-space:pre';
+    document.body.appendChild(probe);
+    for (const select of root.querySelectorAll('select')) {
+        probe.style.font = getComputedStyle(select).font;
+        for (const option of select.options) {
+            probe.textContent = option.text;
+            if (probe.offsetWidth + 24 > select.clientWidth) clipped.push(option.text);
+        }
+    }
+    probe.remove();
+    return clipped;
+}"""
 
 
 def assert_no_clipped_labels(root) -> None:
@@ -325,6 +343,18 @@ def use_view_code_presets_and_compare(page, root, lab) -> None:
     root.get_by_role("checkbox", name="compare", exact=True).uncheck()
 
 
+def clean_up(page) -> None:
+    """Do what the notebook says when done: set DONE = True in the last (clean-up) cell and run it."""
+    last = select_cell(page, -1)
+    page.evaluate(f"""index => {{
+        const model = ({NOTEBOOK_JS}).content.widgets[index].model;
+        model.sharedModel.setSource(model.sharedModel.getSource().replace('DONE = False', 'DONE = True'));
+    }}""", last)
+    run_cells(page, "notebook:run-cell", upto=None)
+    errors = page.evaluate(ERRORS_JS)
+    assert not errors, errors
+
+
 def test_playground_streams_and_stops_in_jupyterlab(lab, page):
     from playwright.sync_api import expect
 
@@ -377,8 +407,7 @@ def test_playground_streams_and_stops_in_jupyterlab(lab, page):
     use_view_code_presets_and_compare(page, root, lab)
 
     # Now the last cell: close the playground and the cluster.
-    select_cell(page, -1)
-    run_cells(page, "notebook:run-cell", upto=None)
+    clean_up(page)
 
 
 def test_tokenizer_quirks_render_coloured_tokens(lab, page):
@@ -414,3 +443,52 @@ def test_tokenizer_quirks_render_coloured_tokens(lab, page):
     selection = page.locator(".widget-html-content", has_text="selection 13–17")
     assert "4 characters · 1 tokens touch it" in selection.first.inner_text()
     assert_no_clipped_labels(flagged.first)
+
+def test_run_all_leaves_the_playground_on_screen(lab, page):
+    from playwright.sync_api import expect
+
+    lab.open(page, "02-prompt-playground.ipynb")
+    run_cells(page, "notebook:run-all-cells", upto=None)  # Run > Run All Cells, the clean-up cell included
+    prompt_box = page.locator("textarea[placeholder^='Prompt. Use [MASK]']")
+    expect(prompt_box).to_be_visible(timeout=WAIT_MS)
+    root = page.locator(".jp-OutputArea-output", has=prompt_box)
+    root.scroll_into_view_if_needed()
+    expect(root.get_by_role("button", name="Generate")).to_be_enabled()
+    expect(root.locator(".glmkit-blank").first).to_be_visible()  # the last run's output is still shown
+    shot(page, "02-run-all-playground")
+    clean_up(page)
+    expect(page.locator("textarea[placeholder^='Prompt. Use [MASK]']")).to_have_count(0, timeout=WAIT_MS)
+
+
+def test_run_all_leaves_fewshot_on_screen_with_no_clipped_labels(lab, page):
+    from playwright.sync_api import expect
+
+    lab.open(page, "03-few-shot.ipynb")
+    run_cells(page, "notebook:run-all-cells", upto=None)
+    queries = page.locator("textarea[placeholder^='queries, one per line']")
+    expect(queries).to_be_visible(timeout=WAIT_MS)
+    root = page.locator(".jp-OutputArea-output", has=queries)
+    root.scroll_into_view_if_needed()
+    expect(root.get_by_role("button", name="Run")).to_be_enabled()
+    expect(root.locator("select").first).to_have_value("en-de-translation")  # not "(custom)"
+    for label in ("instruction", "extra stops", "between examples", "mask after prefix"):
+        expect(root.locator("label.widget-label", has_text=re.compile(f"^{re.escape(label)}$"))).to_be_visible()
+    clipped = root.evaluate(CLIPPED_JS)
+    assert not clipped, f"text cut off in the FewShot tool: {clipped}"
+    root.locator("select").first.scroll_into_view_if_needed()  # the tool's top row, below the toolbar
+    page.mouse.wheel(0, -120)
+    shot(page, "03-run-all-fewshot")
+    expect(root.locator("table")).to_contain_text("good night")  # the notebook's Run filled the table
+
+    # The en-python template, picked as a user would: its answers are code, not empty.
+    root.locator("select").first.select_option("en-python")
+    expect(root.locator("textarea").first).to_have_value("Write Python code for each English description.")
+    queries.fill("reverse a list")
+    root.get_by_role("button", name="Run").click()
+    expect(root).to_contain_text("1 of 1 queries answered", timeout=WAIT_MS)
+    answer = root.locator("table tbody tr td").nth(1).inner_text()
+    assert answer.strip(), "the en-python answer is empty"
+    assert not root.evaluate(CLIPPED_JS)
+    root.locator("table").scroll_into_view_if_needed()
+    shot(page, "03-fewshot-en-python")
+    clean_up(page)

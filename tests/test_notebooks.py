@@ -104,9 +104,23 @@ def output_text(output) -> str:
     return "\n".join(str(data.get(kind, "")) for kind in ("text/plain", "text/html"))
 
 
-def run_notebook(path: Path) -> tuple[nbformat.NotebookNode, float]:
-    """Execute a notebook in its folder; returns it with outputs, and the seconds it took."""
+# Notebooks whose tools must still be open and usable after a top-to-bottom run (Run All): a cell run after
+# the last one, in the same kernel, prints a line saying so; then it does what the notebook tells the user
+# to do when done (DONE = True in the clean-up cell), which must close the tool and stop the engines.
+STILL_OPEN = {"02-prompt-playground.ipynb": "playground", "03-few-shot.ipynb": "fewshot"}
+STILL_OPEN_PROBE = """\
+print("after Run All:", "widget open" if {tool}.root.comm is not None else "widget closed",
+      len(cluster.status()), "engines")
+{teardown}
+print("after clean-up:", "widget open" if {tool}.root.comm is not None else "widget closed")"""
+
+
+def run_notebook(path: Path, probe: str | None = None) -> tuple[nbformat.NotebookNode, float]:
+    """Execute a notebook in its folder (then `probe`, a cell of code, in the same kernel); returns it with
+    outputs, and the seconds it took."""
     nb = nbformat.read(path, as_version=4)
+    if probe is not None:
+        nb.cells.append(nbformat.v4.new_code_cell(probe))
     before = descendants()  # e.g. a multiprocessing resource tracker that another test left to pytest
     seen: set[psutil.Process] = set()
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME, allow_errors=False,
@@ -181,7 +195,12 @@ def test_kernel_runs_this_interpreter(kernel_env):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_on_the_demo_model(path, kernel_env):
-    nb, seconds = run_notebook(path)
+    tool, probe = STILL_OPEN.get(path.name), None
+    if tool:
+        teardown = nbformat.read(path, as_version=4).cells[-1].source
+        assert "DONE = False" in teardown, f"{path.name}: Run All must not reach a clean-up that closes the tool"
+        probe = STILL_OPEN_PROBE.format(tool=tool, teardown=teardown.replace("DONE = False", "DONE = True"))
+    nb, seconds = run_notebook(path, probe)
     text = []
     for number, cell in enumerate(nb.cells):
         for output in cell.get("outputs", []):
@@ -190,4 +209,7 @@ def test_notebook_runs_on_the_demo_model(path, kernel_env):
     joined = "\n".join(text)
     for expected in EXPECTED_OUTPUT[path.name]:
         assert expected in joined, f"{path.name}: no {expected!r} in its outputs"
+    if tool:  # Run All must leave the tool on screen and its cluster up; the kernel's shutdown stops them
+        assert "after Run All: widget open 2 engines" in joined, f"{path.name} closed its tool during Run All"
+        assert "after clean-up: widget closed" in joined, f"{path.name}: its clean-up cell did not close the tool"
     print(f"{path.name}: {seconds:.1f} s")

@@ -69,3 +69,57 @@ def test_calculator_widget_over_the_recorded_benchmarks(tmp_path):
                         dollars_per_million_tokens(owned, tool.table["tokens_per_s"].iloc[0]))
     assert tool.to_csv(tmp_path / "cost.csv").read_text().startswith("date,")
     tool.close()
+
+
+MODEL_12 = "glm-130b shape, 12 layers (random)"  # H100 and H200 at 1 GPU, H200 at 2 (batch 1 only) and 4
+
+
+def test_calculator_greys_out_the_inputs_the_node_kind_does_not_use():
+    from glmkit.widgets import TokenomicsCalculator
+
+    tool = TokenomicsCalculator(read_benchmarks(), model=MODEL_12)
+    owned_inputs = (tool.purchase, tool.years, tool.utilisation)
+    assert not tool.dollars_per_hour.disabled and all(x.disabled for x in owned_inputs)
+    tool.kind.value = "owned"
+    assert tool.dollars_per_hour.disabled and not any(x.disabled for x in owned_inputs)
+    tool.kind.value = "cloud"
+    assert not tool.dollars_per_hour.disabled and all(x.disabled for x in owned_inputs)
+    tool.close()
+
+
+def test_one_line_and_one_break_even_per_card():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from glmkit.tokenomics import break_even_by_setup, cost_by_batch, plot_cost_by_batch
+
+    node = CloudNode(10.0)
+    table = cost_by_batch(read_benchmarks(), node, 0.02, MODEL_12)
+    figure = plot_cost_by_batch(table, 0.02)
+    lines = {line.get_label(): list(line.get_xdata()) for line in figure.axes[0].get_lines()
+             if not line.get_label().startswith("API")}
+    plt.close(figure)
+    assert lines["H100 fp16, 1 GPU(s)"] == [1, 32] and lines["H200 fp16, 1 GPU(s)"] == [1, 32], lines
+    for label, batches in lines.items():  # a line never doubles back to join another card's points
+        assert batches == sorted(set(batches)), (label, batches)
+    even = break_even_by_setup(table, node, 0.02)
+    assert sorted(zip(even["card"], even["gpus"])) == [("H100", 1), ("H200", 1), ("H200", 2), ("H200", 4)]
+    # Each card's break-even comes from its own measurements: the H100 is slower, so it needs a larger batch.
+    one_gpu = even[even["gpus"] == 1].set_index("card")["break_even_batch"]
+    assert one_gpu["H100"] > one_gpu["H200"] >= 1
+
+
+def test_a_break_even_that_no_measured_batch_reaches_is_explained():
+    from glmkit.widgets import TokenomicsCalculator
+
+    tool = TokenomicsCalculator(read_benchmarks(), model=MODEL_12)
+    tool.kind.value = "owned"  # $200,000 over 3 years at 50 %: the 2-GPU row (batch 1 only) stays dearer
+    row = tool.break_even[tool.break_even["gpus"] == 2].iloc[0]
+    assert row["break_even_batch"] is None or math.isnan(row["break_even_batch"])
+    assert "only batch 1 was measured" in row["note"] and "x the API's price" in row["note"]
+    ratio = float(row["note"].split("costs ")[1].split("x")[0])
+    two = tool.table[tool.table["gpus"] == 2].iloc[0]
+    assert math.isclose(ratio, two["self_over_api"], rel_tol=0.01)
+    assert "NaN" not in tool.table_view.value and "not reached" in tool.table_view.value
+    tool.close()

@@ -6,6 +6,7 @@ import re
 import threading
 import time
 
+import ipywidgets
 import pytest
 
 from glmkit.generate.tokens import TokenLogprob
@@ -327,7 +328,9 @@ def test_fewshot_stops_before_the_next_example(tokenizer):
     stopped = template.run(backend, ["house"], max_new_tokens=20)
     assert stopped.iloc[0].answer == "Haus" and stopped.iloc[0].finish_reason == "stop"
     assert stopped.iloc[0].prompt == template.build_prompt("house")
-    assert backend.calls[-1][1].stop == ("\nEnglish:", "\n")
+    # Stops with visible text end the generation itself; the whitespace-only "\n" is watched by the template,
+    # so that it only counts once the answer has begun.
+    assert backend.calls[-1][1].stop == ("\nEnglish:",)
     runaway_run = template.run(backend, ["house"], use_stops=False, max_new_tokens=20)
     assert "English: dog" in runaway_run.iloc[0].completion
 
@@ -397,6 +400,49 @@ def test_fewshot_with_the_demo_model(pipeline):
     assert list(fs.results["query"]) == ["house", "dog"]
     assert all(n <= 3 for n in fs.results["tokens"])
     assert fs.results.iloc[0].prompt.endswith("English: house\nGerman:")
+
+
+def test_fewshot_answers_start_after_the_models_leading_separators(pipeline):
+    # The demo model opens every answer after "Python:" with "\n\n", which is also the en-python stop: the
+    # stop must not fire on it, or every answer is empty (issue 16, defect 5).
+    template = load_template("en-python")
+    assert "\n\n" in template.stop_sequences()
+    table = template.run(pipeline, ["reverse a list", "the sum of a list of numbers"], max_new_tokens=32)
+    assert all(table["answer"].str.strip().str.len() > 0), table[["answer", "completion", "finish_reason"]]
+    for row in table.itertuples():
+        body = row.completion.lstrip()
+        assert row.completion.startswith("\n")  # the model did open with the separator
+        assert row.answer == body.strip() and "\n\n" not in body  # cut at the first blank line after it
+        assert row.finish_reason in ("stop", "length")
+    assert "stop" in set(table["finish_reason"])
+
+
+def test_fewshot_leading_separator_with_a_scripted_backend(tokenizer):
+    backend = FakeBackend(tokenizer, script=["\n", "\n", "x = 1", "\n", "\n", "English", ":"])
+    row = load_template("en-python").run(backend, ["one"], max_new_tokens=20).iloc[0]
+    assert row.answer == "x = 1" and row.completion == "\n\nx = 1" and row.finish_reason == "stop"
+    assert row.tokens < 7  # the watched stop ended the generation, not the token limit
+
+
+def test_fewshot_every_control_is_labelled_and_the_picker_names_the_template(fake):
+    fs = FewShot(fake, "en-python")
+    assert fs.picker.value == "en-python"  # a shipped template is named, not "(custom)"
+    for name, widget in {**fs.fields, "picker": fs.picker}.items():
+        label = widget.description
+        assert label, f"{name} has no label"
+        if isinstance(widget, ipywidgets.Checkbox):
+            assert widget.layout.width == "auto", name  # a long checkbox text is never cut
+        else:  # about 0.62em per character of JupyterLab's label font; the browser test checks the pixels
+            width = float(widget.style.description_width.removesuffix("em"))
+            assert width >= 0.62 * len(label), f"{name}: label {label!r} does not fit {width}em"
+    assert fs.fields["mask"].layout.width == "26em"  # "none ([gMASK] appended)" fits
+    fs.fields["instruction"].value = "Write Python."
+    assert fs.picker.value == "(custom)"  # edited: no longer the shipped template
+    fs.fields["instruction"].value = load_template("en-python").instruction
+    assert fs.picker.value == "en-python"
+    fs.load("en-de-translation")
+    assert fs.picker.value == "en-de-translation"
+    fs.close()
 
 
 # ----- TokenInspector -----------------------------------------------------------------------------

@@ -92,6 +92,28 @@ class GenerationSettings:
         return self.logprobs or self.top_logprobs > 0
 
 
+# One line per GenerationSettings field, for the help of every surface that exposes the settings (the
+# `glmkit generate` flags are built from the fields and these lines, so a new field cannot be forgotten).
+DESCRIPTIONS = {
+    "max_new_tokens": "most tokens generated per blank",
+    "min_new_tokens": "fewest tokens per blank before an end token may be chosen",
+    "do_sample": "sample (temperature, top-k, top-p) instead of taking the likeliest token",
+    "temperature": "sampling temperature; 0 means greedy",
+    "top_k": "sample among the k likeliest tokens only (0: all)",
+    "top_p": "sample among the smallest set of tokens whose probability reaches p (nucleus), in (0, 1]",
+    "num_beams": "beam search with this many beams (1: none); not with sampling",
+    "length_penalty": "beam search: exponent of the length that normalises a beam's log probability",
+    "no_repeat_ngram_size": "never repeat an n-gram of this size (0: off)",
+    "repetition_penalty": "Hugging Face repetition penalty over prompt and output (1: none, >1 discourages)",
+    "frequency_penalty": "OpenAI frequency penalty: subtracted per earlier occurrence in the output",
+    "presence_penalty": "OpenAI presence penalty: subtracted once for any token already in the output",
+    "stop": "stop strings: a blank ends before the first of them",
+    "seed": "random seed, for reproducible sampling",
+    "logprobs": "return each generated token's log probability under the raw model",
+    "top_logprobs": "return the N likeliest alternatives of each generated token too (at most 20)",
+}
+
+
 def _check_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")

@@ -226,20 +226,24 @@ def measure_batch(generator: Generator, batch: int, options: BenchOptions, clock
     prefill = statistics.median(clock.time_ms(lambda: generator.prefill(contexts, options.new_tokens),
                                               options.repeats))
 
-    # The step's input buffers still hold the last generated token: replay it as is. Blocks of
-    # new_tokens steps, so a block lasts long enough for event timing on a fast GPU.
-    block = options.new_tokens
+    # The step's input buffers still hold the last generated token: replay it as is. On a GPU, blocks of
+    # new_tokens steps, so a block lasts long enough for event timing. On the CPU each step is timed alone
+    # and the median taken, the statistic ms_per_token uses: a block's mean counts every stall of a shared
+    # CPU, which the median of intervals drops, and made python_overhead_ms negative (-76 ms was seen).
+    block = options.new_tokens if clock.cuda else 1
+    runs = options.repeats if clock.cuda else options.repeats * options.new_tokens
 
     def replay():
         for _ in range(block):
             step.graph.replay()
 
+    @torch.inference_mode()  # as generation runs the step (DecodeStep.__call__); no_grad costs more per op
     def eager():
         for _ in range(block):
             step.run_eager()
 
-    eager_ms = statistics.median(clock.time_ms(eager, options.repeats)) / block
-    step_ms = statistics.median(clock.time_ms(replay, options.repeats)) / block if step.graph else eager_ms
+    eager_ms = statistics.median(clock.time_ms(eager, runs)) / block
+    step_ms = statistics.median(clock.time_ms(replay, runs)) / block if step.graph else eager_ms
     cache = step.cache
     return {"batch": batch, "ms_per_token": ms_per_token, "step_ms": step_ms, "eager_step_ms": eager_ms,
             "python_overhead_ms": ms_per_token - step_ms, "tokens_per_s": batch * 1e3 / ms_per_token,

@@ -32,32 +32,40 @@ class FewShot(Tool):
         self._rows: list[dict] = []
         self._loading = True  # no previews until the first template is in
 
-        self.picker = labelled(w.Dropdown(options=[CUSTOM] + shipped_templates(), value=CUSTOM),
-                               "shipped template", width="9em")
+        # Labels are 11em wide, enough for the longest ("between examples") at JupyterLab's font size, and
+        # every control is wide enough for its own text: nothing is cut off with an ellipsis.
+        label = "11em"
+        self._shipped = {name: load_template(name).to_dict() for name in shipped_templates()}
+        self.picker = labelled(w.Dropdown(options=[CUSTOM] + list(self._shipped), value=CUSTOM,
+                                          layout=w.Layout(width="26em")), "shipped template", width=label)
         self.path = w.Text(placeholder="path/to/template.yaml", layout=w.Layout(width="22em"))
         self.load_button = w.Button(description="Load", icon="folder-open")
         self.save_button = w.Button(description="Save", icon="save")
         text = dict(continuous_update=True)
+        short = dict(layout=w.Layout(width="24em"), **text)
         self.fields: dict[str, w.Widget] = {
-            "name": labelled(w.Text(**text), "name", width="9em"),
-            "description": labelled(w.Text(layout=w.Layout(width="40em"), **text), "description", width="9em"),
-            "instruction": w.Textarea(placeholder="instruction (optional)", layout=w.Layout(width="100%"),
-                                      **text),
-            "input_prefix": labelled(w.Text(**text), "input prefix", "e.g. English:", "9em"),
-            "output_prefix": labelled(w.Text(**text), "output prefix", "e.g. German:", "9em"),
-            "prefix_separator": labelled(w.Text(**text), "after prefix", "escaped: \\s space, \\n newline",
-                                         "9em"),
-            "field_separator": labelled(w.Text(**text), "input→output", "escaped, e.g. \\n", "9em"),
-            "example_separator": labelled(w.Text(**text), "between examples", "escaped, e.g. \\n or \\n\\n",
-                                          "9em"),
+            "name": labelled(w.Text(**short), "name", width=label),
+            "description": labelled(w.Text(layout=w.Layout(width="44em"), **text), "description", width=label),
+            "instruction": labelled(w.Textarea(placeholder="optional: a line before the examples",
+                                               layout=w.Layout(width="99%"), **text), "instruction", width=label),
+            "input_prefix": labelled(w.Text(**short), "input prefix", "e.g. English:", label),
+            "output_prefix": labelled(w.Text(**short), "output prefix", "e.g. German:", label),
+            "prefix_separator": labelled(w.Text(**short), "after prefix", "escaped: \\s space, \\n newline",
+                                         label),
+            "field_separator": labelled(w.Text(**short), "input→output", "escaped, e.g. \\n", label),
+            "example_separator": labelled(w.Text(**short), "between examples", "escaped, e.g. \\n or \\n\\n",
+                                          label),
             "mask": labelled(w.Dropdown(options=[("none ([gMASK] appended)", ""), ("[MASK]", "[MASK]"),
-                                                 ("[sMASK]", "[sMASK]"), ("[gMASK]", "[gMASK]")]),
-                             "mask after prefix", width="9em"),
-            "trailing_space": w.Checkbox(False, indent=False,
+                                                 ("[sMASK]", "[sMASK]"), ("[gMASK]", "[gMASK]")],
+                                        layout=w.Layout(width="26em")),
+                             "mask after prefix", width=label),
+            "trailing_space": w.Checkbox(False, indent=False, layout=w.Layout(width="auto"),
                                          description="end the prompt with the separator (a trailing space)"),
-            "derive_stops": w.Checkbox(True, indent=False, description="stop before the next example"),
-            "stop": w.Textarea(placeholder="extra stop sequences, one per line (escaped)",
-                               layout=w.Layout(height="3.5em"), **text),
+            "derive_stops": w.Checkbox(True, indent=False, layout=w.Layout(width="auto"),
+                                       description="stop before the next example"),
+            "stop": labelled(w.Textarea(placeholder="one per line, escaped (\\n newline, \\s space)",
+                                        layout=w.Layout(width="99%", height="3.5em"), **text),
+                             "extra stops", width=label),
         }
         self.examples_box = w.VBox()
         self._example_rows: list[tuple[w.Textarea, w.Textarea, w.HBox]] = []
@@ -87,12 +95,13 @@ class FewShot(Tool):
         f = self.fields
         preview = w.Accordion([self.preview, self.preview_tokens], titles=("prompt", "tokens"),
                               selected_index=0)
+        wrap = dict(layout=w.Layout(flex_flow="row wrap"))  # narrow windows wrap a row instead of cutting it
         self._finish([
-            w.HBox([self.picker, self.path, self.load_button, self.save_button]),
-            w.HBox([f["name"], f["description"]]), f["instruction"],
-            w.HBox([f["input_prefix"], f["output_prefix"]]),
-            w.HBox([f["prefix_separator"], f["field_separator"], f["example_separator"]]),
-            w.HBox([f["mask"], f["trailing_space"], f["derive_stops"]]), f["stop"],
+            w.HBox([self.picker, self.path, self.load_button, self.save_button], **wrap),
+            w.HBox([f["name"], f["description"]], **wrap), f["instruction"],
+            w.HBox([f["input_prefix"], f["output_prefix"]], **wrap),
+            w.HBox([f["prefix_separator"], f["field_separator"], f["example_separator"]], **wrap),
+            w.HBox([f["mask"], f["trailing_space"], f["derive_stops"]], **wrap), f["stop"],
             w.HTML("<b>examples</b> (input, output)"), self.examples_box, self.add_example_button,
             w.HTML("<b>queries</b>"), self.queries,
             preview, self.stops_view,
@@ -157,6 +166,11 @@ class FewShot(Tool):
         if change["new"] != CUSTOM:
             self.set_template(load_template(change["new"]))
 
+    def _match_picker(self, template: FewShotTemplate) -> None:
+        # The picker names the shipped template the editor holds, and says (custom) once it is edited.
+        data = template.to_dict()
+        self.picker.value = next((name for name, shipped in self._shipped.items() if shipped == data), CUSTOM)
+
     def _add_example_row(self, source: str, target: str) -> None:
         area = dict(continuous_update=True, layout=w.Layout(width="45%", height="3.5em"))
         a, b = w.Textarea(source, placeholder="input", **area), w.Textarea(target, placeholder="output", **area)
@@ -194,6 +208,7 @@ class FewShot(Tool):
             self.preview.value = error_html(str(error))
             self.preview_tokens.value = self.stops_view.value = ""
             return
+        self._match_picker(template)
         tokens = self.tokenizer.tokens(prompt)
         self.preview.value = (f'<div style="{BOX};border:1px solid #ddd;padding:4px">'
                               f'{visible_whitespace_html(prompt)}</div>'

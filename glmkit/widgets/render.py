@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import html
 import math
-import re
 from dataclasses import dataclass
 
 import pandas as pd
 
+from ..escapes import escape_text, unescape  # noqa: F401 - the widgets' escapes, shared with the CLI
 from ..tokenizer import Token
 
 # Light, distinguishable backgrounds; neighbouring tokens alternate so every boundary shows.
@@ -26,25 +26,6 @@ _DIM = "color:#888"
 def esc(text: str) -> str:
     """HTML-escape text, quotes included (safe inside attributes too)."""
     return html.escape(text, quote=True)
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "s": " ", "\\": "\\"}
-
-
-def unescape(text: str) -> str:
-    """Turn the two characters `\\n` into a newline (also `\\t`, `\\s` a space, `\\\\`); others stay."""
-    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), text)
-
-
-def escape_text(text: str) -> str:
-    """Inverse of `unescape`: backslashes, newlines and tabs escaped, spaces at either end as `\\s`."""
-    body = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
-    core = body.strip(" ")
-    if not core:
-        return "\\s" * len(body)
-    lead = len(body) - len(body.lstrip(" "))
-    trail = len(body) - len(body.rstrip(" "))
-    return "\\s" * lead + core + "\\s" * trail
 
 
 def visible_whitespace_html(text: str) -> str:

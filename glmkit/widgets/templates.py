@@ -130,6 +130,34 @@ class FewShotTemplate:
         """The answer in a completion: the generated text without surrounding whitespace."""
         return completion.strip()
 
+    def _generate_answer(self, backend, prompt: str, stops: list[str],
+                         should_abort: Callable[[], bool] | None, **kwargs):
+        """(completion, finish_reason, result) for one prompt; the answer starts after leading separators.
+
+        A model often opens its answer with a separator itself (the demo model writes "\n\n" after
+        "Python:"), and a whitespace-only stop such as "\n\n" would end it at once, empty. So only stops
+        with visible text go to the generation; whitespace-only ones are watched in the stream and end the
+        generation once the answer has begun, i.e. after its first non-whitespace character.
+        """
+        watch = _AnswerStops([s for s in stops if not s.strip()])
+        visible = [s for s in stops if s.strip()]
+        user_on_text = kwargs.pop("on_text", None)
+
+        def abort() -> bool:
+            return watch.hit or (should_abort is not None and should_abort())
+
+        def on_text(event) -> None:
+            watch(event)
+            if user_on_text is not None:
+                user_on_text(event)
+
+        result = backend.generate(prompt, should_abort=abort, stop=visible, on_text=on_text, **kwargs)
+        if isinstance(result, list):
+            result = result[0]
+        completion, cut = watch.cut(result.completion)
+        reason = "stop" if cut else result.finish_reason
+        return completion, reason, result
+
     def run(self, backend, queries: list[str], *, use_stops: bool = True,
             should_abort: Callable[[], bool] | None = None,
             on_row: Callable[[dict], None] | None = None, **kwargs) -> pd.DataFrame:
@@ -146,11 +174,9 @@ class FewShotTemplate:
             if should_abort is not None and should_abort():
                 break
             started = time.perf_counter()
-            result = backend.generate(prompt, should_abort=should_abort, stop=stops, **kwargs)
-            if isinstance(result, list):
-                result = result[0]
-            row = {"query": query, "answer": self.answer(result.completion), "completion": result.completion,
-                   "finish_reason": result.finish_reason, "tokens": result.num_generated_tokens,
+            completion, reason, result = self._generate_answer(backend, prompt, stops, should_abort, **kwargs)
+            row = {"query": query, "answer": self.answer(completion), "completion": completion,
+                   "finish_reason": reason, "tokens": result.num_generated_tokens,
                    "seconds": round(time.perf_counter() - started, 3), "prompt": prompt}
             rows.append(row)
             if on_row is not None:
@@ -228,6 +254,29 @@ def load_template(name_or_path: str | Path) -> FewShotTemplate:
 
 
 # ----- helpers ----------------------------------------------------------------------------------------
+
+class _AnswerStops:
+    """Watches streamed text for whitespace-only stops, counting only text after the answer has begun."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.text = ""
+        self.hit = False
+
+    def __call__(self, event) -> None:
+        self.text += event.text
+        self.hit = self.hit or self._stop_at(self.text) is not None
+
+    def _stop_at(self, text: str) -> int | None:
+        lead = len(text) - len(text.lstrip())  # the separators the model opened its answer with
+        found = [i for i in (text.find(s, lead) for s in self.stops) if i >= 0]
+        return min(found) if found and text[lead:] else None
+
+    def cut(self, completion: str) -> tuple[str, bool]:
+        """The completion up to the first stop after the answer began, and whether one was found."""
+        at = self._stop_at(completion)
+        return (completion, False) if at is None else (completion[:at], True)
+
 
 class _Dumper(yaml.SafeDumper):
     pass

@@ -37,8 +37,18 @@ class TokenomicsCalculator(Tool):
         for widget in (self.model, self.kind, self.dollars_per_hour, self.purchase, self.years,
                        self.utilisation, self.api_price):
             widget.observe(self._guarded(lambda change: self.update()), names="value")
+        self.kind.observe(lambda change: self._enable_inputs(), names="value")
         self._finish([w.VBox(controls), self.table_view, self.plot])
+        self._enable_inputs()
         self._guarded(self.update)()
+
+    def _enable_inputs(self) -> None:
+        # A rented node is priced by the hour, an owned one by its purchase spread over busy hours: grey out
+        # the inputs the chosen kind does not use, so no one edits a number that changes nothing.
+        cloud = self.kind.value == "cloud"
+        self.dollars_per_hour.disabled = not cloud
+        for widget in (self.purchase, self.years, self.utilisation):
+            widget.disabled = cloud
 
     def node(self) -> tk.CloudNode | tk.OwnedNode:
         """The node described by the current inputs."""
@@ -51,10 +61,10 @@ class TokenomicsCalculator(Tool):
         node, api = self.node(), self.api_price.value
         self.table = tk.cost_by_batch(self.throughput, node, api, self.model.value)
         self.break_even = tk.break_even_by_setup(self.table, node, api)
-        shown = self.table[["card", "precision", "gpus", "batch", "tokens_per_s", "dollars_per_1m",
-                            "api_dollars_per_1m", "self_over_api"]]
+        shown = self.table[tk.setup_columns(self.table) + ["batch", "tokens_per_s", "dollars_per_1m",
+                                                           "api_dollars_per_1m", "self_over_api"]]
         self.table_view.value = shown.to_html(index=False, float_format=lambda v: f"{v:,.4g}") + \
-            self.break_even.to_html(index=False)
+            self.break_even.to_html(index=False, na_rep="not reached", float_format=lambda v: f"{v:,.3g}")
         self.status.value = info_html(f"node costs ${node.cost_per_busy_hour():,.2f} per busy hour; "
                                       f"API ${tk.api_dollars_per_million(api):,.2f} per 1M tokens")
         self.plot.clear_output(wait=True)

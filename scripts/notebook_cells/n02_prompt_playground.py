@@ -107,7 +107,16 @@ playground.history"""),
     md("""\
 Bad settings never reach the engines: the playground checks them first and says what is wrong in red at
 the bottom of the tool (try a top-p of 0, or a `[mask]` in lower case)."""),
+    md("""\
+## When you are done
+
+**Run All** leaves the playground on screen and the engines running, so you can go on using it. The next cell
+closes both, but only once you set `DONE = True` in it and run it. Do that before you shut the kernel
+down: a kernel's exit asks ipyparallel to stop its engines, but on a busy machine it may be killed first and
+leave engine processes behind."""),
     teardown("""\
-playground.close()
-cluster.close()"""),
+DONE = False  # set to True and run this cell to close the playground and stop the engines
+if DONE:
+    playground.close()
+    cluster.close()"""),
 ]

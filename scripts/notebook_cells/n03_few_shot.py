@@ -69,7 +69,9 @@ pd.DataFrame({"query": queries, "with stops": answers["completion"],
 
 Code answers span several lines, so a newline cannot end them. The `en-python` template puts a blank line
 between examples; its derived stops are `"\\n\\nEnglish:"`, `"\\nEnglish:"` and `"\\n\\n"` — never a single
-newline."""),
+newline. A model often opens its answer with the separator itself (the demo model writes `"\\n\\n"` after
+`Python:`): the template starts the answer after such leading whitespace, so a whitespace-only stop such as
+`"\\n\\n"` ends the code, not the empty start (`completion` keeps the raw text, `answer` the code)."""),
     code("""\
 to_python = load_template("en-python")
 print(to_python.build_prompt("reverse a list"))
@@ -97,7 +99,16 @@ fewshot.results[["query", "answer", "finish_reason", "tokens"]]"""),
 A template is plain data. `fewshot.template` is the edited template; this is what **Save** writes:"""),
     code("""\
 print(fewshot.template.to_yaml())"""),
+    md("""\
+## When you are done
+
+**Run All** leaves the FewShot tool on screen and the engines running, so you can go on using it. The next cell
+closes both, but only once you set `DONE = True` in it and run it. Do that before you shut the kernel
+down: a kernel's exit asks ipyparallel to stop its engines, but on a busy machine it may be killed first and
+leave engine processes behind."""),
     teardown("""\
-fewshot.close()
-cluster.close()"""),
+DONE = False  # set to True and run this cell to close the FewShot tool and stop the engines
+if DONE:
+    fewshot.close()
+    cluster.close()"""),
 ]

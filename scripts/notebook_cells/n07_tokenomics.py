@@ -33,8 +33,9 @@ tk.seed_arithmetic().style.format({"value": "{:,.4g}"})"""),
 ## Recorded GPU throughput
 
 `docs/benchmarks.md` holds the numbers measured on the GPU machines (card, GPUs, precision, batch, ms per
-decode step). The calculator below prices them: switch between a cloud node and an owned one, change the
-prices, and the table, the break-even batch and the plot follow."""),
+decode step). The calculator below prices them: switch between a cloud node and an owned one (the inputs the
+other kind uses are greyed out), change the prices, and the table, the break-even batch and the plot follow.
+Each card, precision and GPU count is its own line and its own break-even row."""),
     code("""\
 recorded = tk.read_benchmarks()
 recorded[["card", "gpus", "model", "precision", "batch", "ms_per_token", "tokens_per_s"]]"""),
@@ -44,12 +45,14 @@ calculator = TokenomicsCalculator(recorded, model="glm-130b shape, 12 layers (ra
 calculator"""),
     md("""\
 Read it as: at batch 1 a GPU spends the whole weight-streaming time on one token, so the price per token is
-high; at batch 32 the same step yields 32 tokens. The break-even batch is where the line crosses the API's."""),
+high; at batch 32 the same step yields 32 tokens. The break-even batch is where the line crosses the API's.
+Where no measured batch is as cheap as the API (a setup measured at batch 1 only, say), the break-even says
+"not reached" and its `note` tells how far the largest measured batch is from the API's price."""),
     code("""\
 node = tk.CloudNode(dollars_per_hour=10.0)
 table = tk.cost_by_batch(recorded, node, api_dollars_per_1k=0.02, model="glm-130b shape, 12 layers (random)")
 print(tk.break_even_by_setup(table, node, api_dollars_per_1k=0.02).to_string(index=False))
-table[["precision", "gpus", "batch", "tokens_per_s", "dollars_per_1m", "self_over_api"]]"""),
+table[["card", "precision", "gpus", "batch", "tokens_per_s", "dollars_per_1m", "self_over_api"]]"""),
     md("""\
 ## Your own measurement
 
