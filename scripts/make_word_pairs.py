@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from glmkit.config import REPO_ROOT
+from glmkit.widgets.templates import load_template
 from glmkit.lab.word_pairs import (PAIRS_FORMAT, build_pairs, example_phrases, parse_entry, read_dictd,
                                    split_pairs)
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--heldout", type=int, default=300, help="held-out pairs")
     p.add_argument("--pool", type=int, default=3000, help="held-out pairs come from this many common words")
-    p.add_argument("--max-train", type=int, default=60_000, help="the most common training pairs kept")
+    p.add_argument("--max-single", type=int, default=40_000, help="the most common one-word training pairs kept")
+    p.add_argument("--max-multi", type=int, default=20_000, help="the most common multi-word training pairs kept")
     p.add_argument("--max-words", type=int, default=2, help="words per headword and per translation")
     args = p.parse_args(argv)
 
@@ -64,8 +66,10 @@ def main(argv: list[str] | None = None) -> None:
         forward, backward = load_entries(dictd, "eng-deu"), load_entries(dictd, "deu-eng")
     reverse = {pair.english: pair for pair in build_pairs(backward, args.max_words)}
     pairs = build_pairs(forward, args.max_words, reverse)
-    train, heldout, phrases = split_pairs(pairs, example_phrases(forward), args.heldout, args.seed,
-                                          args.pool, args.max_train)
+    # The few-shot template's own examples (cheese, good morning, ...) are in every test prompt: none is tested.
+    shown = {w for e in load_template("en-de-translation").examples for w in e.input.split()}
+    train, heldout, phrases = split_pairs(pairs, example_phrases(forward), args.heldout, args.seed, args.pool,
+                                          args.max_single, args.max_multi, reserved=shown)
     payload = {"format": PAIRS_FORMAT, "source": {"packages": versions or "from --dictd", "entries": len(forward),
                                                   "reverse_entries": len(backward), "pairs": len(pairs)},
                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "dictd")},

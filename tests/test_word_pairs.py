@@ -113,6 +113,11 @@ def test_split_keeps_heldout_words_out_of_training():
     assert split_pairs(pairs, phrases, 2, seed=0, pool=4) == (train, heldout, kept)  # seeded
     with pytest.raises(ValueError, match="num_heldout=9"):
         split_pairs(pairs, phrases, 9, seed=0, pool=4)
+    # Words the prompt's own examples show are never tested; training keeps the most common of each kind.
+    _, heldout, _ = split_pairs(pairs, phrases, 4, seed=0, pool=4, reserved={"House", "cat"})
+    assert {p.english for p in heldout} == {"water", "tree", "dog", "book"}
+    train, _, _ = split_pairs(pairs, [], 1, seed=0, pool=1, max_words=2, max_multi=1)
+    assert [p.english for p in train] == ["house", "tree", "tree house"]
 
 
 def test_documents_use_the_notebook_template_layout():
@@ -130,9 +135,31 @@ def test_documents_use_the_notebook_template_layout():
     opening = template.example_separator.join([template.instruction] + [template.format_example(e)
                                                                          for e in template.examples])
     for doc in documents:
-        lines = doc.split("\n")
-        if lines[0].startswith("Translate"):
-            lines = lines[1:]
+        assert len(doc) >= 1500  # a training row's worth of text, so rows are not mostly padding
+        lines = [line for line in doc.split("\n") if not line.startswith("Translate")]
         assert all("\n".join(lines[i:i + 2]) in blocks for i in range(0, len(lines), 2)), doc
-    assert any(doc.startswith(opening + "\n") for doc in documents)  # notebook 03's own prompt, continued
-    assert any(doc.startswith("Translate German to English.\nGerman:") for doc in documents)
+    assert any(opening + "\n" in doc for doc in documents)  # notebook 03's own prompt, continued
+    assert any("Translate German to English.\nGerman:" in doc for doc in documents)
+    assert any("Translate English to German.\nEnglish:" in doc for doc in documents)
+
+
+def test_translation_accuracy_scores_exact_and_accepted_answers():
+    from types import SimpleNamespace
+
+    from glmkit.lab.word_pairs import translation_accuracy
+
+    answers = {"cat": " Katze", "dog": " Köter", "tree": "  Wald"}
+    calls = []
+
+    class Backend:  # the scoring is word_pairs' own logic; generation itself is tested elsewhere
+        def generate(self, prompts, **settings):
+            calls.append((len(prompts), settings))
+            return [SimpleNamespace(completion=answers[p.split()[-2]], finish_reason="stop") for p in prompts]
+
+    items = [{"english": w, "german": g, "accepted": acc, "prompt": f"English: {w}\nGerman:"}
+             for w, g, acc in [("cat", "Katze", ["Katze"]), ("dog", "Hund", ["Hund", "Köter"]),
+                               ("tree", "Baum", ["Baum"])]]
+    scores = translation_accuracy(Backend(), items, batch_size=2, max_new_tokens=7)
+    assert (scores["count"], scores["exact"], scores["accepted"]) == (3, 1 / 3, 2 / 3)
+    assert [r["answer"] for r in scores["rows"]] == ["Katze", "Köter", "Wald"]
+    assert calls == [(2, {"max_new_tokens": 7, "stop": ["\n"]}), (1, {"max_new_tokens": 7, "stop": ["\n"]})]

@@ -180,20 +180,24 @@ def example_phrases(entries: list[Entry], max_words: int = 6) -> list[tuple[str,
     return list(dict.fromkeys(p for p in phrases if p))
 
 
-def split_pairs(pairs: list[Pair], phrases: list[tuple[str, str]], num_heldout: int, seed: int,
-                pool: int, max_train: int | None = None) -> tuple[list[Pair], list[Pair], list[tuple[str, str]]]:
+def split_pairs(pairs: list[Pair], phrases: list[tuple[str, str]], num_heldout: int, seed: int, pool: int,
+                max_words: int | None = None, max_multi: int | None = None, reserved: set[str] = frozenset()
+                ) -> tuple[list[Pair], list[Pair], list[tuple[str, str]]]:
     """Held-out pairs drawn (seeded) from the `pool` most common one-word headwords of 3+ letters (the
-    test is translating a word never seen paired); the `max_train` most common of the rest as training
-    pairs, and the phrases. No training pair or phrase holds a held-out headword (or
-    its plural in -s/-es) among its English words: a held-out "water" keeps "a glass of water" out too."""
+    test is translating a word never seen paired), none of them `reserved` (words the prompt's own
+    examples show); then the `max_words` most common one-word and `max_multi` most common multi-word
+    headwords of the rest as training pairs, and the phrases. No training pair or phrase holds a held-out
+    headword (or its plural in -s/-es) among its English words: a held-out "water" keeps "a glass of
+    water" out too."""
     ranked = sorted(range(len(pairs)), key=lambda i: (-pairs[i].commonness, i))
-    candidates = [i for i in ranked if len(pairs[i].english) >= 3 and " " not in pairs[i].english][:pool]
+    reserved = {w.lower() for w in reserved}
+    candidates = [i for i in ranked if len(pairs[i].english) >= 3 and " " not in pairs[i].english
+                  and pairs[i].english.lower() not in reserved][:pool]
     if num_heldout > len(candidates):
         raise ValueError(f"num_heldout={num_heldout} but only {len(candidates)} pairs to draw from")
     rng = np.random.default_rng(seed)
     heldout_ids = sorted(rng.choice(candidates, size=num_heldout, replace=False).tolist())
     heldout = [pairs[i] for i in heldout_ids]
-    # A held-out "water" also keeps "a glass of water" and "water bottle" out of training.
     banned = [_words(p.english) for p in heldout]
     taken = set(heldout_ids)
 
@@ -202,7 +206,9 @@ def split_pairs(pairs: list[Pair], phrases: list[tuple[str, str]], num_heldout: 
         words |= {w[:-1] for w in words if w.endswith("s")} | {w[:-2] for w in words if w.endswith("es")}
         return any(b <= words for b in banned)
 
-    train = [pairs[i] for i in ranked if i not in taken and not leaks(pairs[i].english)][:max_train]
+    kept = [pairs[i] for i in ranked if i not in taken and not leaks(pairs[i].english)]
+    train = ([p for p in kept if " " not in p.english][:max_words]
+             + [p for p in kept if " " in p.english][:max_multi])
     return train, heldout, [p for p in phrases if not leaks(p[0])]
 
 
@@ -213,15 +219,18 @@ def format_pair(source: str, target: str, direction: str = "en-de") -> str:
 
 
 def pair_documents(pairs: list[Pair], phrases: list[tuple[str, str]], num_chars: int, seed: int,
-                   lead_in: list[tuple[str, str]] = (), phrase_share: float = 0.2) -> list[str]:
-    """Few-shot documents of about `num_chars` characters in all, each 1..16 blocks separated by "\\n":
-    half with the instruction line, a tenth German -> English, some opening with `lead_in` (the shipped
-    template's examples), a share of the blocks example phrases rather than headwords."""
+                   lead_in: list[tuple[str, str]] = (), phrase_share: float = 0.2,
+                   doc_chars: int = 1500) -> list[str]:
+    """Few-shot documents of about `num_chars` characters in all. A document is few-shot groups, one
+    after another, until it has `doc_chars` characters (a training row's worth: shorter documents would
+    leave rows padded); a group is 1..16 blocks separated by "\n", half of the groups open with the
+    instruction line, a tenth are German -> English, some start with `lead_in` (the shipped template's
+    examples), and a share of the blocks are example phrases rather than headwords."""
     if not pairs:
         raise ValueError("no pairs to write documents of")
     rng = np.random.default_rng(seed)
-    documents, total = [], 0
-    while total < num_chars:
+
+    def group() -> list[str]:
         count = 1 if rng.random() < 0.1 else int(rng.integers(2, 17))
         items = []
         for _ in range(count):
@@ -236,8 +245,13 @@ def pair_documents(pairs: list[Pair], phrases: list[tuple[str, str]], num_chars:
         if direction == "de-en":
             items = [(g, e) for e, g in items]
         blocks = [format_pair(a, b, direction) for a, b in items]
-        if rng.random() < 0.5:
-            blocks.insert(0, INSTRUCTION[direction])
+        return [INSTRUCTION[direction]] + blocks if rng.random() < 0.5 else blocks
+
+    documents, total = [], 0
+    while total < num_chars:
+        blocks: list[str] = []
+        while sum(len(b) + 1 for b in blocks) < doc_chars:
+            blocks += group()
         documents.append("\n".join(blocks))
         total += len(documents[-1])
     return documents
