@@ -10,7 +10,12 @@ top-level `*.py` files in sorted order, capped in size so training takes seconds
 deterministic (no input shuffling or sampling, one thread). The shipped file was made with the Python
 printed by this script; another Python version has other stdlib sources and gives a different model.
 
-Usage: python scripts/make_demo_tokenizer.py [--out demo/tokenizer/ice_text.model]
+With --pairs (the word-pairs file of scripts/make_word_pairs.py) the corpus is a mix: --pair-bytes of
+few-shot lines made of the training pairs and phrases ("English: cheese German: Käse"; no held-out pair),
+then the stdlib lines up to the same total size, so German gets its letters (ä ö ü ß) and word pieces
+while the vocabulary keeps its size and conventions.
+
+Usage: python scripts/make_demo_tokenizer.py [--out demo/tokenizer/ice_text.model] [--pairs FILE]
 """
 
 import argparse
@@ -30,10 +35,12 @@ VOCAB_SIZE = 2000
 CORPUS_BYTES = 3_000_000
 
 
-def corpus_lines(max_bytes: int = CORPUS_BYTES) -> list[str]:
-    """Lines of the stdlib's top-level sources, whitespace runs collapsed, in a fixed order."""
+def corpus_lines(max_bytes: int = CORPUS_BYTES, lines: list[str] | None = None) -> list[str]:
+    """`lines`, then lines of the stdlib's top-level sources, whitespace runs collapsed, in a fixed order,
+    until `max_bytes` in all."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    lines, total = [], 0
+    lines = list(lines or [])
+    total = sum(len(line.encode("utf-8")) + 1 for line in lines)
     for path in sorted(stdlib.glob("*.py")):
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             # The GLM tokenizer turns tabs and runs of 2+ spaces into their own pieces before
@@ -45,6 +52,24 @@ def corpus_lines(max_bytes: int = CORPUS_BYTES) -> list[str]:
             total += len(line.encode("utf-8")) + 1
             if total >= max_bytes:
                 return lines
+    return lines
+
+
+def pair_lines(path: Path, max_bytes: int, blocks_per_line: int = 8) -> list[str]:
+    """Few-shot documents of the training pairs and phrases, in file order, until `max_bytes`: each line
+    `blocks_per_line` blocks with newlines as the `<n>` the GLM tokenizer gives SentencePiece, so the
+    pieces after a newline ("English", "German") are learnt without the word-start space."""
+    from glmkit.lab.word_pairs import format_pair, load_pairs
+
+    train_pairs, _, phrases, _ = load_pairs(path)
+    blocks = [format_pair(e, g) for e, g in [(p.english, p.german) for p in train_pairs] + list(phrases)]
+    lines, total = [], 0
+    for start in range(0, len(blocks), blocks_per_line):
+        line = "\n".join(blocks[start:start + blocks_per_line]).replace("\n", "<n>")
+        lines.append(line)
+        total += len(line.encode("utf-8")) + 1
+        if total >= max_bytes:
+            break
     return lines
 
 
@@ -82,17 +107,19 @@ def main(argv: list[str] | None = None) -> None:
     """Build the demo model and print its statistics."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--pairs", type=Path, help="word-pairs file (scripts/make_word_pairs.py) to mix in")
+    parser.add_argument("--pair-bytes", type=int, default=600_000, help="bytes of pair lines with --pairs")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    lines = corpus_lines()
+    lines = corpus_lines(lines=pair_lines(args.pairs, args.pair_bytes) if args.pairs else None)
     model = train(lines)
     seconds = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(model)
 
     sp = spm.SentencePieceProcessor(model_proto=model)
-    sample = "def tokenize(text):\n    return text.split()"
+    sample = "def tokenize(text):\n    return text.split()\nEnglish: cheese\nGerman: Käse"
     print(f"python        {sys.version.split()[0]} (stdlib {sysconfig.get_paths()['stdlib']})")
     print(f"corpus        {len(lines)} lines, {sum(len(x) + 1 for x in lines)} chars")
     print(f"pieces        {sp.get_piece_size()} (unk={sp.unk_id()} bos={sp.bos_id()} eos={sp.eos_id()} "

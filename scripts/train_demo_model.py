@@ -10,9 +10,18 @@ of the model and of an add-one unigram on the same tokens, the checkpoint as 2 f
 <out>/checkpoint, <out>/training_log.json and <out>/training_curve.png; the checkpoint is loaded back with
 glmkit.generate.pipeline.load_model and a few prompts are generated with GLMPipeline.
 
+With --pairs (English -> German pairs from scripts/make_word_pairs.py) the corpus also holds few-shot
+documents of the training pairs (glmkit.lab.word_pairs.pair_documents), --pair-share of the training
+characters, and the run reports held-out translation accuracy: notebook 03's `en-de-translation` prompt
+for each held-out English word, greedy with stop "\n", exact match against the held-out German (and
+against any translation the dictionary gives). The prompts are built into the corpus file here, where
+glmkit.widgets imports; the GPU image has no ipywidgets. --baseline scores the shipped demo model on the
+same held-out code (per character: the tokenizers differ) and translations.
+
     python scripts/train_demo_model.py --build-corpus-only        # writes the corpus file and exits
     python scripts/train_demo_model.py --device cuda --minutes 8  # trains
     python scripts/train_demo_model.py --plot-only artifacts/glm-tiny-trained/training_log.json
+    python scripts/install_demo_model.py OUT                     # a finished run -> demo/ and docs/demo-model/
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from pathlib import Path
 import torch
 
 from glmkit.checkpoint import save_checkpoint
+from glmkit.lab.word_pairs import load_pairs, pair_documents, translation_accuracy
 from glmkit.config import REPO_ROOT, load_config
 from glmkit.generate.blanks import check_masks
 from glmkit.model import GLM
@@ -44,7 +54,10 @@ from glmkit.lab.training import (TrainSettings, evaluate, init_weights, perplexi
                              unigram_log_probs)
 
 CORPUS_FILE = REPO_ROOT / "artifacts" / "demo-corpus" / "stdlib-corpus.json.gz"
-CORPUS_FORMAT = "glmkit-demo-corpus-1"
+MIXED_CORPUS_FILE = REPO_ROOT / "artifacts" / "demo-corpus" / "demo-corpus.json.gz"  # with --pairs
+CORPUS_FORMAT = "glmkit-demo-corpus-2"
+TEMPLATE = "en-de-translation"  # notebook 03's few-shot template: its prompt is the held-out test
+MEMORY_SAMPLE = 300  # training pairs scored like the held-out ones: how much the model memorised
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "encodings", "__pycache__"}
 HELDOUT_MODULUS = 25  # package files whose path hash is 0 mod 25 are held out (top-level files trained the tokenizer)
 EVAL_SEED = 20_000  # the held-out [MASK]/[sMASK] batches are the same whatever the training seed
@@ -92,17 +105,52 @@ def _has_mask_text(line: str) -> bool:
         return True
 
 
-def build_corpus(tokenizer: GLMTokenizer, tokenizer_file: Path) -> dict:
-    """Tokenize the stdlib files once: token counts per file and unigram counts over the training files."""
+def build_corpus(tokenizer: GLMTokenizer, tokenizer_file: Path, pairs_file: Path | None = None,
+                 pair_share: float = 0.2, seed: int = 1234) -> dict:
+    """Tokenize the stdlib files once: token counts per file and unigram counts over the training files
+    (code only, so the baseline means what it meant before pairs). With `pairs_file`, few-shot pair
+    documents of `pair_share` of the training characters join the training split, and the held-out
+    translation prompts are built."""
     documents, counts = [], Counter()
     for rel, text, split in stdlib_files():
         ids = tokenizer.encode(text)
-        documents.append({"path": rel, "split": split, "num_tokens": len(ids), "text": text})
+        documents.append({"path": rel, "split": split, "source": "stdlib", "num_tokens": len(ids), "text": text})
         if split == "train":
             counts.update(ids)
-    return {"format": CORPUS_FORMAT, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
-            "tokenizer_sha256": _sha256(tokenizer_file), "documents": documents,
-            "unigram_counts": {str(k): v for k, v in sorted(counts.items())}}
+    corpus = {"format": CORPUS_FORMAT, "python": sys.version.split()[0], "stdlib": sysconfig.get_paths()["stdlib"],
+              "tokenizer_sha256": _sha256(tokenizer_file), "pairs_sha256": None, "documents": documents,
+              "unigram_counts": {str(k): v for k, v in sorted(counts.items())}}
+    if pairs_file is not None:
+        corpus["pairs_sha256"] = _sha256(pairs_file)
+        corpus["translation"] = pair_corpus(tokenizer, pairs_file, pair_share, seed, documents)
+    return corpus
+
+
+def pair_corpus(tokenizer: GLMTokenizer, pairs_file: Path, pair_share: float, seed: int, documents: list) -> dict:
+    """Append the pair documents to `documents`; the held-out and memorisation prompts and the pairs' facts."""
+    from glmkit.widgets.templates import load_template  # imports ipywidgets: only where the corpus is built
+
+    if not 0 < pair_share < 1:
+        raise SystemExit(f"--pair-share must be between 0 and 1 (a share of the training characters), "
+                         f"got {pair_share}")
+    train_pairs, heldout, phrases, payload = load_pairs(pairs_file)
+    template = load_template(TEMPLATE)
+    code_chars = sum(len(d["text"]) for d in documents if d["split"] == "train")
+    texts = pair_documents(train_pairs, phrases, round(code_chars * pair_share / (1 - pair_share)), seed,
+                           lead_in=[(e.input, e.output) for e in template.examples])
+    for i, text in enumerate(texts):
+        documents.append({"path": f"pairs/{i:06d}", "split": "train", "source": "pairs",
+                          "num_tokens": len(tokenizer.encode(text)), "text": text})
+    shown = {e.input for e in template.examples}
+    memory = [p for p in train_pairs if p.english not in shown][:: max(1, len(train_pairs) // MEMORY_SAMPLE)]
+
+    def items(pairs):
+        return [{"english": p.english, "german": p.german, "accepted": list(p.accepted),
+                 "prompt": template.build_prompt(p.english)} for p in pairs]
+
+    return {"template": TEMPLATE, "source": payload["source"], "settings": payload["settings"],
+            "pair_share": pair_share, "train_pairs": len(train_pairs), "phrases": len(phrases),
+            "documents": len(texts), "heldout": items(heldout), "memory": items(memory[:MEMORY_SAMPLE])}
 
 
 def save_corpus(corpus: dict, path: Path) -> None:
@@ -113,13 +161,18 @@ def save_corpus(corpus: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_corpus(path: Path, tokenizer_file: Path) -> dict:
+def load_corpus(path: Path, tokenizer_file: Path, pairs_file: Path | None) -> dict:
     with gzip.open(path, "rb") as f:
         corpus = json.loads(f.read().decode("utf-8"))
     if corpus.get("format") != CORPUS_FORMAT:
         raise SystemExit(f"{path} is not a {CORPUS_FORMAT} file; delete it to rebuild")
     if corpus["tokenizer_sha256"] != _sha256(tokenizer_file):
         raise SystemExit(f"{path} was tokenized with another {tokenizer_file.name}; delete it to rebuild")
+    if pairs_file is not None and pairs_file.is_file() and corpus["pairs_sha256"] != _sha256(pairs_file):
+        raise SystemExit(f"{path} was built from another {pairs_file.name}; delete it to rebuild")
+    if (pairs_file is None) != (corpus["pairs_sha256"] is None):
+        raise SystemExit(f"{path} was built {'with' if corpus['pairs_sha256'] else 'without'} word pairs "
+                         f"but --pairs is {'not ' if pairs_file is None else ''}given: pass another --corpus")
     return corpus
 
 
@@ -135,6 +188,11 @@ def corpus_stats(corpus: dict) -> dict:
         stats[split] = {"files": len(docs), "chars": sum(len(d["text"]) for d in docs),
                         "tokens": sum(d["num_tokens"] for d in docs)}
     stats["heldout"]["paths"] = [d["path"] for d in corpus["documents"] if d["split"] == "heldout"]
+    pairs = [d for d in corpus["documents"] if d.get("source") == "pairs"]
+    if pairs:
+        stats["train"]["pair_documents"] = {"files": len(pairs), "chars": sum(len(d["text"]) for d in pairs),
+                                            "tokens": sum(d["num_tokens"] for d in pairs)}
+        stats["translation"] = {k: v for k, v in corpus["translation"].items() if k not in ("heldout", "memory")}
     return stats
 
 
@@ -184,13 +242,60 @@ def plot(log: dict, path: Path) -> bool:
     return True
 
 
+# ----- evaluation -------------------------------------------------------------------------------------------
+
+def nats_per_char(result, samples, tokenizer: GLMTokenizer) -> float:
+    """Held-out loss per character of the scored text: comparable across tokenizers, unlike perplexity."""
+    chars = sum(len(tokenizer.decode([t for t in s.targets if t != tokenizer.eop_id])) for s in samples)
+    return result.text_loss * result.num_text / chars
+
+
+def score_translation(backend, corpus: dict, limit: int | None) -> dict:
+    """Held-out accuracy, the same on a sample of training pairs, and a few answers without the stop."""
+    items = corpus["translation"]["heldout"][:limit]
+    scores = translation_accuracy(backend, items)
+    scores["memory"] = {k: v for k, v in translation_accuracy(backend, corpus["translation"]["memory"][:limit]).items()
+                        if k != "rows"}
+    # Without stops the answer runs on into invented examples: what notebook 03 shows the stop sequence for.
+    scores["without_stop"] = []
+    for item in items[:4]:
+        result = backend.generate(item["prompt"], max_new_tokens=24)
+        scores["without_stop"].append({"english": item["english"], "completion": result.completion,
+                                       "finish_reason": result.finish_reason})
+    return scores
+
+
+def score_baseline(heldout: Corpus, corpus: dict, args, device) -> dict:
+    """The shipped demo model (configs/glm-tiny.yaml) on the same held-out code and translation prompts."""
+    kit = load_config("glm-tiny").replace(dtype="fp32", device=str(device))
+    model, tokenizer = load_model(kit), GLMTokenizer.load(kit.tokenizer)
+    texts = heldout.texts
+    own = Corpus(texts, tuple(len(t) / max(1, len(tokenizer.encode(t))) for t in texts))
+    samples = heldout_lm_samples(own, tokenizer, model.config.max_sequence_length, args.eval_windows)
+    batches = [pack_rows([[s] for s in samples[i:i + args.batch_rows]], model.config.max_sequence_length,
+                         tokenizer.eop_id) for i in range(0, len(samples), args.batch_rows)]
+    lm = evaluate(model, batches, device)
+    scores = {"checkpoint": str(kit.checkpoint), "heldout_perplexity": lm.perplexity,
+              "heldout_nats_per_char": nats_per_char(lm, samples, tokenizer)}
+    if "translation" in corpus:
+        found = translation_accuracy(GLMPipeline(model, tokenizer, kit), corpus["translation"]["heldout"][:args.eval_pairs])
+        scores["translation"] = {k: v for k, v in found.items() if k != "rows"}
+        scores["translation"]["first_answers"] = [r["answer"] for r in found["rows"][:8]]
+    return scores
+
+
 # ----- main -------------------------------------------------------------------------------------------------
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "glm-tiny-trained",
                    help="output folder: checkpoint/, training_log.json, training_curve.png")
-    p.add_argument("--corpus", type=Path, default=CORPUS_FILE, help="corpus file (built here if missing)")
+    p.add_argument("--corpus", type=Path, help="corpus file, built here if missing (default: "
+                   f"{CORPUS_FILE.relative_to(REPO_ROOT)}, or {MIXED_CORPUS_FILE.name} beside it with --pairs)")
+    p.add_argument("--pairs", type=Path, help="word-pairs file of scripts/make_word_pairs.py to train on too")
+    p.add_argument("--pair-share", type=float, default=0.2, help="share of training characters that are pairs")
+    p.add_argument("--eval-pairs", type=int, help="held-out pairs scored (default: all)")
+    p.add_argument("--baseline", action="store_true", help="also score the shipped demo model (demo/)")
     p.add_argument("--build-corpus-only", action="store_true", help="write the corpus file and exit")
     p.add_argument("--plot-only", type=Path, metavar="LOG", help="redraw the curve of a training_log.json")
     p.add_argument("--tokenizer", type=Path, default=DEMO_TOKENIZER_DIR)
@@ -215,6 +320,8 @@ def parse_args(argv):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.corpus is None:
+        args.corpus = MIXED_CORPUS_FILE if args.pairs else CORPUS_FILE
     if args.plot_only:
         log = json.loads(args.plot_only.read_text())
         plot(log, args.plot_only.with_name("training_curve.png"))
@@ -222,10 +329,12 @@ def main(argv=None) -> None:
     tokenizer_file = args.tokenizer / MODEL_FILE
     tokenizer = GLMTokenizer.load(args.tokenizer)
     if args.corpus.is_file():
-        corpus = load_corpus(args.corpus, tokenizer_file)
+        corpus = load_corpus(args.corpus, tokenizer_file, args.pairs)
     else:
         t0 = time.perf_counter()
-        corpus = build_corpus(tokenizer, tokenizer_file)
+        if args.pairs is not None and not args.pairs.is_file():
+            raise SystemExit(f"--pairs {args.pairs} does not exist: make it with scripts/make_word_pairs.py")
+        corpus = build_corpus(tokenizer, tokenizer_file, args.pairs, args.pair_share, args.seed)
         save_corpus(corpus, args.corpus)
         print(f"built {args.corpus} from Python {corpus['python']}'s stdlib in {time.perf_counter() - t0:.0f} s "
               f"({args.corpus.stat().st_size / 1e6:.1f} MB)")
@@ -233,6 +342,11 @@ def main(argv=None) -> None:
     for split in ("train", "heldout"):
         print(f"corpus {split:8s} {stats[split]['files']:5d} files {stats[split]['chars'] / 1e6:6.1f} M chars "
               f"{stats[split]['tokens'] / 1e6:6.2f} M tokens")
+    if "translation" in stats:
+        pairs = stats["train"]["pair_documents"]
+        print(f"  of which {pairs['files']} pair documents, {pairs['chars'] / 1e6:.1f} M chars, "
+              f"{pairs['tokens'] / 1e6:.2f} M tokens; {stats['translation']['train_pairs']} training pairs, "
+              f"{len(corpus['translation']['heldout'])} held out")
     if args.build_corpus_only:
         return
 
@@ -332,21 +446,26 @@ def main(argv=None) -> None:
     for prompt in PROMPTS:
         result = pipeline.generate(prompt, max_new_tokens=48, no_repeat_ngram_size=4)
         samples.append({"prompt": prompt, "text": result.text, "finish_reason": result.finish_reason})
+    code = {"heldout_nats_per_char": nats_per_char(evaluate(reloaded, lm_batches, device), lm_samples, tokenizer)}
+    translation = score_translation(pipeline, corpus, args.eval_pairs) if "translation" in corpus else None
+    baseline = score_baseline(heldout, corpus, args, device) if args.baseline else None
 
     result = {"heldout_perplexity": final["heldout_perplexity"], "unigram_perplexity": unigram_ppl,
               "ratio": final["heldout_perplexity"] / unigram_ppl, "reloaded_fp16_perplexity": reloaded_ppl,
               "heldout_scored_tokens": len(heldout_tokens), "steps": steps, "train_seconds": train_seconds,
-              "checkpoint_bytes": size, "tokenizer_bytes": tokenizer_file.stat().st_size, "samples": samples}
+              "checkpoint_bytes": size, "tokenizer_bytes": tokenizer_file.stat().st_size, "samples": samples,
+              **code, "translation": translation, "baseline": baseline}
     recipe = {"command": " ".join(sys.argv), "config_name": config.name, "model": dataclasses.asdict(model_config),
               "objective": dataclasses.asdict(objective), "training": dataclasses.asdict(settings),
               "batch_rows": args.batch_rows, "seed": args.seed, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "python": sys.version.split()[0], "corpus": stats,
               "eval": {"windows": len(lm_samples), "blank_batches": args.eval_blank_batches, "eval_seed": EVAL_SEED},
-              "data_workers": workers,
+              "data_workers": workers, "tokenizer": str(args.tokenizer), "tokenizer_sha256": _sha256(tokenizer_file),
               "reproduce": " ".join(sys.argv[1:]) + f" --steps {steps}  (bitwise only on CPU: CUDA kernels "
                                                       f"such as the embedding backward are not deterministic)"}
-    log = {"recipe": recipe, "records": records, "result": result}
+    log = {"recipe": recipe, "records": records, "result": result,
+           "unigram_counts": corpus["unigram_counts"]}  # --install writes docs/demo-model/unigram_counts.json
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     plot(log, args.out / "training_curve.png")
 
@@ -356,7 +475,21 @@ def main(argv=None) -> None:
           f"{args.out / 'training_log.json'}, {args.out / 'training_curve.png'}")
     print(f"trained {steps} steps in {train_seconds / 60:.1f} min on {recipe['device_name']}")
     print(f"held-out perplexity: model {result['heldout_perplexity']:.2f} (reloaded fp16 shards "
-          f"{reloaded_ppl:.2f}), unigram {unigram_ppl:.2f}, ratio {result['ratio']:.3f} (target <= 0.333)")
+          f"{reloaded_ppl:.2f}), unigram {unigram_ppl:.2f}, ratio {result['ratio']:.3f} (target <= 0.333); "
+          f"{code['heldout_nats_per_char']:.4f} nats per character")
+    if translation:
+        print(f"held-out translation ({translation['count']} pairs, notebook 03's prompt, stop '\\n'): exact "
+              f"{translation['exact']:.1%}, any dictionary translation {translation['accepted']:.1%}; training "
+              f"pairs: exact {translation['memory']['exact']:.1%}")
+        for row in translation["rows"][:12]:
+            print(f"  {row['english']!r:24} -> {row['answer']!r:24} (dictionary: {row['german']!r})")
+        for demo in translation["without_stop"]:
+            print(f"  without stop: {demo['english']!r} -> {demo['completion']!r} ({demo['finish_reason']})")
+    if baseline:
+        found = baseline.get("translation")
+        print(f"shipped demo model: {baseline['heldout_perplexity']:.2f} token perplexity with its tokenizer, "
+              f"{baseline['heldout_nats_per_char']:.4f} nats per character"
+              + (f"; translation exact {found['exact']:.1%}, first answers {found['first_answers'][:3]}" if found else ""))
 
 
 if __name__ == "__main__":
