@@ -18,6 +18,8 @@ class FusedAddLayerNorm(AddLayerNorm):
     """AddLayerNorm through one Triton kernel (PyTorch's LayerNorm gives a 12288-wide row to one block)."""
 
     def forward(self, residual, branch, alpha):
+        if residual is not None and (residual.dtype != branch.dtype or torch.is_autocast_enabled()):
+            return super().forward(residual, branch, alpha)  # autocast mixes dtypes: the eager ops promote
         return norm.add_layernorm(self, residual, branch, alpha)  # the eager ops where the kernel cannot run
 
 
