@@ -6,11 +6,13 @@ mask's position; for `[gMASK]` positions keep counting. Text-level blank filling
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .budget import check_kv_cache_fits
 from .graphs import DecodeStep, StepGraphs
 from ..model import GLM, KVCache
 from .sampling import GenerationSettings, choose_next, processed_logits
@@ -83,12 +85,19 @@ def _logprob_record(log_probs: torch.Tensor, token: int, top_n: int) -> TokenLog
     return TokenLogprob(token=token, logprob=float(log_probs[token]), top=top)
 
 
-def _make_generator(settings: GenerationSettings, device) -> torch.Generator | None:
-    if settings.seed is None:
+# Blank k of a prompt samples from seed + k * this (mod 2**64): the odd 64-bit golden-ratio constant keeps
+# blank 1 of seed s from reusing blank 0 of seed s + 1.
+_BLANK_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def _make_generators(settings: GenerationSettings, device, rows: int,
+                     blank: int) -> list[torch.Generator] | None:
+    """One generator per row, each seeded from the seed and the blank number only: a prompt draws the same
+    samples alone, in any batch, and on every rank of a cluster."""
+    if settings.seed is None or settings.greedy:
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(settings.seed)
-    return generator
+    seed = (settings.seed + blank * _BLANK_SEED_STRIDE) % 2**64
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(rows)]
 
 
 @torch.inference_mode()
@@ -96,31 +105,38 @@ def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSet
                     end_tokens: tuple[int, ...], stop: StopCheck | None = None,
                     on_token: TokenCallback | None = None,
                     should_abort: Callable[[], bool] | None = None,
-                    steps: StepGraphs | None = None, num_ids: int | None = None) -> list[TokenOutput]:
+                    steps: StepGraphs | None = None, num_ids: int | None = None,
+                    banned_ids: Sequence[int] | torch.Tensor = (), blank: int = 0) -> list[TokenOutput]:
     """Greedy or sampled generation for a batch of contexts, sharing one KV cache.
 
     With `steps` (a StepGraphs of this model) decode steps have fixed shapes and replay CUDA graphs:
     every row keeps its cache slot until the end. Without it, finished rows are dropped from the cache.
-    `num_ids` (the tokenizer's id count) keeps the padding rows of the vocabulary from being chosen.
+    `num_ids` (the tokenizer's id count) keeps the padding rows of the vocabulary from being chosen, and
+    `banned_ids` other ids (masks, sop, image ids) in every strategy. `blank` (which blank of each prompt
+    this is) picks the seeded random stream.
     """
     if settings.num_beams > 1:
         return [beam_search(model, c, settings, end_tokens, stop=stop, index=i, on_token=on_token,
-                            should_abort=should_abort, num_ids=num_ids) for i, c in enumerate(contexts)]
+                            should_abort=should_abort, num_ids=num_ids, banned_ids=banned_ids)
+                for i, c in enumerate(contexts)]
     device = model.transformer.word_embeddings.weight.device
     max_new = _room_for_new_tokens(model, contexts, settings)
+    check_kv_cache_fits(model, len(contexts), max(len(c.tokens) for c in contexts) + max_new,
+                        f"a batch of {len(contexts)} prompts")
+    banned = _banned_tensor(banned_ids, device)
     ids, positions, allowed, pads = prefill_inputs(contexts, device)
     length = ids.shape[1]
     step_runner = steps.step_for(len(contexts), length + max_new) if steps is not None else None
     cache = step_runner.cache if step_runner else KVCache.allocate(model, len(contexts), length + max_new)
     logits = model(ids, positions, allowed, cache, 0, last_only=True)[:, -1, :num_ids]  # (b, vocab)
-    generator = _make_generator(settings, device)
+    generators = _make_generators(settings, device, len(contexts), blank)
     outputs = [TokenOutput(logprobs=[] if settings.wants_logprobs else None) for _ in contexts]
     active = list(range(len(contexts)))  # context index of each row of `logits`
     for step in range(max_new):
         history = [list(contexts[i].tokens) + outputs[i].tokens for i in active]
         produced = [outputs[i].tokens for i in active]
-        scores = processed_logits(logits, history, produced, step, settings, end_tokens)
-        chosen = choose_next(scores, settings, generator).tolist()
+        scores = processed_logits(logits, history, produced, step, settings, end_tokens, banned)
+        chosen = choose_next(scores, settings, generators and [generators[i] for i in active]).tolist()
         raw_log_probs = logits.float().log_softmax(dim=-1) if settings.wants_logprobs else None
         still_active = []
         for row, (index, token) in enumerate(zip(active, chosen)):
@@ -177,6 +193,12 @@ def _static_step(step_runner: DecodeStep, contexts, outputs, still_active, pads,
     return logits.index_select(0, rows)
 
 
+def _banned_tensor(banned_ids: Sequence[int] | torch.Tensor, device) -> torch.Tensor | None:
+    if len(banned_ids) == 0:
+        return None
+    return torch.as_tensor(banned_ids, dtype=torch.long).to(device)
+
+
 def _room_for_new_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings) -> int:
     longest = max(len(c.tokens) for c in contexts)
     # sop is the last context token and already occupies one position of the budget.
@@ -194,15 +216,18 @@ class _Beam:
 def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_tokens: tuple[int, ...],
                 stop: StopCheck | None = None, index: int = 0,
                 on_token: TokenCallback | None = None,
-                should_abort: Callable[[], bool] | None = None, num_ids: int | None = None) -> TokenOutput:
+                should_abort: Callable[[], bool] | None = None, num_ids: int | None = None,
+                banned_ids: Sequence[int] | torch.Tensor = ()) -> TokenOutput:
     """Beam search over one context; the best hypothesis by length-normalised log probability.
 
     Tokens reach `on_token` only once the best beam is known. An abort ends the search at once and
-    returns the best hypothesis so far.
+    returns the best hypothesis so far. `banned_ids` are never part of a hypothesis.
     """
     device = model.transformer.word_embeddings.weight.device
     num_beams = settings.num_beams
     max_new = _room_for_new_tokens(model, [context], settings)
+    check_kv_cache_fits(model, num_beams, len(context.tokens) + max_new, f"num_beams={num_beams}")
+    banned = _banned_tensor(banned_ids, device)
     ids, positions, allowed, _ = prefill_inputs([context], device)
     length = ids.shape[1]
     cache = KVCache.allocate(model, 1, length + max_new)
@@ -220,7 +245,7 @@ def beam_search(model: GLM, context: Context, settings: GenerationSettings, end_
 
     for step in range(max_new):
         history = [list(context.tokens) + b.tokens for b in beams]
-        scores = processed_logits(logits, history, [b.tokens for b in beams], step, settings, end_tokens)
+        scores = processed_logits(logits, history, [b.tokens for b in beams], step, settings, end_tokens, banned)
         log_probs = scores.float().log_softmax(dim=-1)  # (beams, vocab)
         raw = logits.float().log_softmax(dim=-1) if keep_logprobs else None
         totals = torch.tensor([b.score for b in beams], device=device)[:, None] + log_probs
