@@ -9,7 +9,7 @@ import torch
 from ..checkpoint import load_rank_state_dict
 from ..config import KitConfig, load_config
 from .graphs import StepGraphs
-from .blanks import GenerationResult, TextEvent, fill_blanks
+from .blanks import GenerationResult, TextEvent, check_call, fill_blanks
 from ..model import GLM
 from ..quantization import convert_for_runtime
 from .sampling import GenerationSettings
@@ -84,11 +84,9 @@ class GLMPipeline:
                  should_abort: Callable[[], bool] | None = None,
                  **kwargs) -> GenerationResult | list[GenerationResult]:
         """Fill the blanks of a prompt (or a list of prompts); keyword names follow HF `generate()`."""
+        batch = check_call(prompts, on_text, should_abort)  # first, as GLMCluster.generate does
         settings = GenerationSettings.from_kwargs(**kwargs)
         single = isinstance(prompts, str)
-        batch = [prompts] if single else list(prompts)
-        if not batch:
-            raise ValueError("no prompts given: pass a string or a non-empty list of strings")
         results = fill_blanks(self.model, self.tokenizer, batch, settings, on_text, should_abort, self.steps)
         return results[0] if single else results
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from . import engine
 from ..config import KitConfig, load_config
-from ..generate.blanks import GenerationResult, TextEvent, plan_prompt
+from ..generate.blanks import GenerationResult, TextEvent, check_call, plan_prompt
 from ..generate.sampling import GenerationSettings
 from ..tokenizer import GLMTokenizer
 
@@ -225,7 +225,7 @@ class GLMCluster:
                  should_abort: Callable[[], bool] | None = None, timeout: float | None = None,
                  **kwargs) -> GenerationResult | list[GenerationResult]:
         """Fill blanks on all engines in lockstep (same keywords as GLMPipeline.generate); rank 0's result."""
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = check_call(prompts, on_text, should_abort)
         kwargs = self._checked(batch, kwargs)
         holder: dict = {}
         with self._lock:  # one call at a time, also from widget threads: engines run calls in order
@@ -244,7 +244,7 @@ class GLMCluster:
     def stream(self, prompts: str | list[str], *, should_abort: Callable[[], bool] | None = None,
                timeout: float | None = None, **kwargs) -> Iterator[TextEvent]:
         """Yield TextEvents as engines generate; the results are in `last_results` afterwards."""
-        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = check_call(prompts, None, should_abort)
         kwargs = self._checked(batch, kwargs)
         holder: dict = {}
         with self._lock:
