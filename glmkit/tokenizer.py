@@ -229,10 +229,10 @@ class GLMTokenizer:
         return dict(self._special_ids)
 
     @property
-    def non_text_ids(self) -> list[int]:
-        """Ids that stand for no text: the image ids and every control piece (masks, <sop>, <eop>, </s>, ...)."""
-        controls = [NUM_IMAGE_TOKENS + i for i, kind in enumerate(self._types) if kind == _CONTROL]
-        return list(range(NUM_IMAGE_TOKENS)) + controls
+    def control_ids(self) -> tuple[int, ...]:
+        """Ids of the control pieces (masks, <sop>, <eop>, <eod>, <s>, </s>, ...): like the image ids below
+        NUM_IMAGE_TOKENS, they stand for no text."""
+        return tuple(NUM_IMAGE_TOKENS + i for i, kind in enumerate(self._types) if kind == _CONTROL)
 
     @property
     def mask_ids(self) -> dict[str, int]:

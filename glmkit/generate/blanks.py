@@ -20,7 +20,7 @@ from .graphs import StepGraphs
 from .tokens import Context, TokenLogprob, generate_tokens
 from ..model import GLM
 from .sampling import GenerationSettings
-from ..tokenizer import MASK_PATTERN, check_encodable
+from ..tokenizer import MASK_PATTERN, NUM_IMAGE_TOKENS, check_encodable
 
 # Bracketed look-alikes such as "[mask]", "[ MASK ]", "[xMASK]" or an unclosed "[MASK".
 _MASK_LOOKALIKE = re.compile(r"\[[^\[\]\n]{0,6}mask[^\[\]\n]{0,6}\]|\[[sg]?MASK(?!\])", re.IGNORECASE)
@@ -212,7 +212,9 @@ def fill_blanks(model: GLM, tokenizer, prompts: list[str], settings: GenerationS
     end_tokens = (tokenizer.eop_id, tokenizer.eos_id)
     # Only the prompt's own masks are blanks; what is generated is text (see the module docstring).
     blank_counts = [plan.tokens.count(mask_id) for plan, mask_id in zip(plans, mask_ids)]
-    banned = torch.tensor(sorted(set(tokenizer.non_text_ids) - set(end_tokens)))
+    # Image ids and control pieces are not text; eop and eos stay allowed, they end a blank.
+    controls = [i for i in tokenizer.control_ids if i not in end_tokens]
+    banned = torch.cat([torch.arange(NUM_IMAGE_TOKENS), torch.tensor(controls, dtype=torch.long)])
     round_number = 0
     while True:
         pending = [i for i, result in enumerate(results) if len(result.blanks) < blank_counts[i]]
