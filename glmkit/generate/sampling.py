@@ -184,8 +184,8 @@ def processed_logits(logits: torch.Tensor, history: list[list[int]], generated: 
     if (settings.greedy and step >= settings.min_new_tokens and settings.no_repeat_ngram_size <= 0
             and settings.repetition_penalty == 1.0 and not settings.frequency_penalty
             and not settings.presence_penalty):
-        # Plain greedy: argmax of the raw logits, no fp32 copy (decode is latency-bound). The end tokens
-        # are never in `banned_ids`, so no row is left without a choice.
+        # Plain greedy: argmax of the raw logits, no fp32 copy (decode is latency-bound). fill_blanks never
+        # bans the end tokens, so no row is left without a choice.
         return logits if banned_ids is None else logits.index_fill(-1, banned_ids, -math.inf)
     scores = apply_penalties(logits.float(), history, generated, settings)
     if banned_ids is not None:
