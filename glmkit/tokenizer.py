@@ -36,6 +36,19 @@ _WHITESPACE = re.compile(r"\n|\t| {2,}")
 _BLANK_PIECE = re.compile(r"<\|blank_(\d+)\|>")
 
 
+def check_encodable(text: str, what: str = "text") -> None:
+    """ValueError naming the character index when `text` holds a lone surrogate, which UTF-8 cannot encode."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # SentencePiece takes UTF-8, so pybind would fail with an opaque cast error; say which character.
+        raise ValueError(f"{what} holds a lone surrogate {text[error.start]!r} at character {error.start}, "
+                         f"which is not valid Unicode: remove it, or decode the source with "
+                         f"errors='replace'") from None
+
+
 def blank_piece(n: int) -> str:
     """The piece that stands for a run of `n` spaces (2 <= n <= 80)."""
     if not 2 <= n <= MAX_BLANK:
@@ -216,6 +229,12 @@ class GLMTokenizer:
         return dict(self._special_ids)
 
     @property
+    def control_ids(self) -> tuple[int, ...]:
+        """Ids of the control pieces (masks, <sop>, <eop>, <eod>, <s>, </s>, ...): like the image ids below
+        NUM_IMAGE_TOKENS, they stand for no text."""
+        return tuple(NUM_IMAGE_TOKENS + i for i, kind in enumerate(self._types) if kind == _CONTROL)
+
+    @property
     def mask_ids(self) -> dict[str, int]:
         """Id of each mask, by the name written in prompts ("[MASK]", "[sMASK]", "[gMASK]")."""
         return {name: self._special_ids[name] for name in MASK_NAMES}
@@ -283,6 +302,7 @@ class GLMTokenizer:
 
     def encode(self, text: str, add_dummy_prefix: bool = True) -> list[int]:
         """Ids of plain text (mask names are ordinary text here), as SAT's GLM130BTokenizer.encode."""
+        check_encodable(text)
         pre, _ = _preprocess(text)
         if add_dummy_prefix:
             ids = self._sp.encode(pre)
@@ -294,6 +314,7 @@ class GLMTokenizer:
 
     def encode_with_masks(self, text: str, add_dummy_prefix: bool = True) -> list[int]:
         """Ids of a prompt as GLM-130B's generate.py builds them: text between masks encoded separately."""
+        check_encodable(text)  # here too, so the index counts from the start of the whole prompt
         ids: list[int] = []
         pos = 0
         for match in MASK_PATTERN.finditer(text):
@@ -304,6 +325,7 @@ class GLMTokenizer:
 
     def tokens(self, text: str, masks: bool = True, add_dummy_prefix: bool = True) -> list[Token]:
         """Tokens with their spans in `text`; ids equal encode_with_masks (masks=True) or encode."""
+        check_encodable(text)
         if not masks:
             return self._text_tokens(text, 0, len(text), add_dummy_prefix)
         out: list[Token] = []

@@ -1,9 +1,11 @@
 """Shared fixtures: the shipped demo model and tokenizer, loaded once per test session."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -56,3 +58,31 @@ def interpreted(request):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised into a test body that ran past its time limit; a BaseException, so no `except Exception`
+    in the code under test can swallow it."""
+
+
+@pytest.fixture
+def time_limit():
+    """`with time_limit(seconds): ...` fails the test instead of hanging when the body runs longer.
+
+    SIGALRM-based (pytest-timeout is not a dependency): the body must run in the main thread, and a
+    single torch call is interrupted only when it returns, which is enough for loops that never end.
+    """
+    @contextlib.contextmanager
+    def limit(seconds: float):
+        def expire(signum, frame):
+            raise TimeLimitExceeded(f"did not finish within {seconds} s")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return limit

@@ -168,3 +168,18 @@ def test_launcher_configuration_reaches_ipyparallel(engines, launcher):
     assert ipp_cluster.engine_launcher_class.__name__ == launcher
     assert ipp_cluster.n == 4 and ipp_cluster.profile == "glmkit-test" and ipp_cluster.controller_ip == "0.0.0.0"
     assert cluster.nccl_env == {"NCCL_IB_DISABLE": "1"}
+
+
+def test_bad_calls_fail_as_in_process_before_any_engine_starts(pipeline):
+    """GLMCluster.generate and GLMPipeline.generate share their checks: same error type, same message."""
+    from test_infilling import BAD_CALLS
+
+    idle = GLMCluster(config="glm-tiny")
+    idle._tokenizer = pipeline.tokenizer  # what load() sets; no engine is started or contacted
+    for args, kwargs, _ in BAD_CALLS:
+        with pytest.raises((TypeError, ValueError)) as remote:
+            idle.generate(*args, **kwargs)
+        with pytest.raises((TypeError, ValueError)) as local:
+            pipeline.generate(*args, **kwargs)
+        assert (type(remote.value), str(remote.value)) == (type(local.value), str(local.value)), kwargs
+    assert idle._client is None

@@ -9,8 +9,10 @@ import torch
 
 from glmkit.generate.beams import beam_search
 from glmkit.generate.tokens import Context, Generator, generate_tokens, prefill_inputs
+from glmkit.generate.budget import kv_cache_bytes
 from glmkit.generate.sampling import (GenerationSettings, apply_penalties, filter_top_k_top_p,
-                             repeated_ngram_bans)
+                             repeated_ngram_bans, sampling_probabilities)
+from glmkit.model import KVCache
 
 CONTEXTS = [Context((5, 17, 2, 90, 40), None), Context((9, 33, 40), 1), Context((70, 71, 72, 73, 74, 40), None)]
 
@@ -178,6 +180,10 @@ def test_beam_search_finds_the_exhaustive_optimum():
     {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"num_beams": 0}, {"top_k": -1},
     {"max_new_tokens": 0}, {"min_new_tokens": 5, "max_new_tokens": 2}, {"repetition_penalty": 0},
     {"num_beams": 2, "do_sample": True}, {"stop": [""]}, {"temperature": float("nan")}, {"top_logprobs": 50},
+    # Issue 13: values that passed validation and then crashed inside torch or Python, or were taken silently.
+    {"presence_penalty": -1e308}, {"frequency_penalty": 2.5}, {"length_penalty": 1e308},
+    {"length_penalty": -11}, {"seed": 2**64}, {"do_sample": "no"}, {"logprobs": "no"},
+    {"do_sample": 1}, {"stop": 5}, {"stop": {"e"}},
 ])
 def test_invalid_settings_are_rejected_with_the_parameter_named(bad):
     with pytest.raises(ValueError) as error:
@@ -210,3 +216,76 @@ def test_beam_search_stops_when_asked(small_model):
     settings = GenerationSettings(max_new_tokens=30, num_beams=3)
     output = generate_tokens(small_model, CONTEXTS[:1], settings, (), should_abort=lambda: next(calls) >= 2)[0]
     assert output.finish_reason == "abort" and len(output.tokens) == 3
+
+
+def test_banned_ids_are_never_chosen_by_greedy_sampling_or_beam_search(small_model):
+    favourites = generate_tokens(small_model, CONTEXTS, GenerationSettings(max_new_tokens=6), ())
+    banned = sorted({t for o in favourites for t in o.tokens})  # every id greedy decoding chose
+    for settings in (GenerationSettings(max_new_tokens=6),
+                     GenerationSettings(max_new_tokens=6, do_sample=True, temperature=3.0, seed=1),
+                     GenerationSettings(max_new_tokens=6, num_beams=3)):
+        outputs = generate_tokens(small_model, CONTEXTS, settings, (), banned_ids=banned)
+        assert all(len(o.tokens) == 6 and not set(o.tokens) & set(banned) for o in outputs), settings
+
+
+EXTREME_VALID = [
+    {"do_sample": True, "temperature": 1e-45}, {"do_sample": True, "temperature": 1e300},
+    {"do_sample": True, "repetition_penalty": 1e-300}, {"do_sample": True, "repetition_penalty": 1e300},
+    {"do_sample": True, "presence_penalty": -2.0, "frequency_penalty": -2.0},
+    {"num_beams": 2, "repetition_penalty": 1e-300}, {"num_beams": 2, "repetition_penalty": 1e300},
+    {"num_beams": 2, "length_penalty": 10.0}, {"num_beams": 2, "length_penalty": -10.0},
+    {"do_sample": True, "seed": 2**64 - 1},
+]
+
+
+def test_extreme_valid_settings_still_generate(small_model):
+    """Values inside the documented ranges must not crash (they used to: multinomial NaN for the tiny
+    temperature and penalties, max() of nothing in beam search); the range ends must stay usable."""
+    for extreme in EXTREME_VALID:
+        settings = GenerationSettings(max_new_tokens=5, **{"seed": 0, **extreme})
+        outputs = generate_tokens(small_model, CONTEXTS, settings, ())
+        assert all(len(o.tokens) == 5 and all(0 <= t < 96 for t in o.tokens) for o in outputs), extreme
+
+
+def test_tiny_temperature_samples_the_greedy_tokens_and_huge_is_uniform(small_model):
+    greedy = [o.tokens for o in generate_tokens(small_model, CONTEXTS, GenerationSettings(max_new_tokens=6), ())]
+    cold = GenerationSettings(max_new_tokens=6, do_sample=True, temperature=1e-45, seed=4)
+    assert [o.tokens for o in generate_tokens(small_model, CONTEXTS, cold, ())] == greedy
+    logits = torch.tensor([[3.0, -1.0, 0.5, -math.inf]])
+    hot = sampling_probabilities(logits, GenerationSettings(do_sample=True, temperature=1e300))
+    assert torch.allclose(hot, torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]]))
+
+
+def test_a_row_with_every_id_banned_ends_instead_of_crashing():
+    """min_new_tokens bans the end token and no_repeat_ngram_size=1 every id already seen: on a 5-id
+    vocabulary the only way out after one token is to end."""
+    from glmkit.config import GLMConfig
+    from glmkit.model import GLM
+
+    torch.manual_seed(0)
+    model = GLM(GLMConfig(num_layers=1, hidden_size=16, num_attention_heads=2, inner_hidden_size=16,
+                          vocab_size=5)).eval()
+    context = Context((1, 2, 3), None)  # leaves 0 as the one id neither seen nor the end token 4
+    for extra in ({}, {"do_sample": True, "seed": 0}, {"num_beams": 2}):
+        settings = GenerationSettings(max_new_tokens=4, min_new_tokens=3, no_repeat_ngram_size=1, **extra)
+        output = generate_tokens(model, [context], settings, end_tokens=(4,))[0]
+        assert output.tokens == [0] and output.finish_reason == "end", extra
+
+
+def test_each_row_samples_from_its_own_seeded_stream(small_model):
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=2.0, seed=7)
+    batch = generate_tokens(small_model, CONTEXTS, settings, ())
+    for context, output in zip(CONTEXTS, batch):
+        assert output.tokens == generate_tokens(small_model, [context], settings, ())[0].tokens
+    later_blank = generate_tokens(small_model, CONTEXTS, settings, (), blank=1)
+    assert [o.tokens for o in later_blank] != [o.tokens for o in batch]
+
+
+def test_kv_cache_size_is_what_the_cache_allocates(small_model):
+    cache = KVCache.allocate(small_model, 3, 17)
+    assert kv_cache_bytes(small_model, 3, 17) == cache.keys.nbytes + cache.values.nbytes
+
+
+def test_a_cache_larger_than_memory_is_refused_before_any_compute(small_model, time_limit):
+    with time_limit(10), pytest.raises(ValueError, match=r"num_beams=1000000000 needs a KV cache .* at most \d+ rows"):
+        beam_search(Generator(small_model), CONTEXTS[0], GenerationSettings(num_beams=10**9), end_tokens=())

@@ -130,3 +130,75 @@ def test_sampling_never_picks_the_padding_rows_of_the_vocabulary(pipeline):
     for seed in range(3):
         result = pipeline.generate("x", max_new_tokens=40, do_sample=True, temperature=50.0, seed=seed)
         assert all(t < pipeline.tokenizer.num_tokens for b in result.blanks for t in b.tokens)
+
+
+def _not_text(tokenizer) -> set[int]:
+    # Written out here rather than taken from the tokenizer, so the test does not trust what it checks.
+    special = set(tokenizer.special_ids.values()) - {tokenizer.eop_id}
+    return special | set(range(20000))
+
+
+def test_generated_masks_are_not_blanks_and_every_call_ends(pipeline, time_limit):
+    """Issue 13's calls: a generated [MASK] used to open a new blank, so the first never returned and the
+    second gave 6 blanks for 1 mask (GLM-130B's generate.py does the same; glmkit deliberately does not)."""
+    with time_limit(30):
+        looping = pipeline.generate("[MASK]", max_new_tokens=4, repetition_penalty=1e-300)
+    with time_limit(30):
+        hot = pipeline.generate("x = [MASK]", max_new_tokens=32, do_sample=True, temperature=5.0, seed=42)
+    for result in (looping, hot):
+        assert len(result.blanks) == 1 and not set(result.blanks[0].tokens) & _not_text(pipeline.tokenizer)
+        assert result.text[result.blanks[0].start:result.blanks[0].end] == result.blanks[0].text
+
+
+def test_no_strategy_generates_special_or_image_ids(pipeline, time_limit):
+    not_text = _not_text(pipeline.tokenizer)
+    # A penalty of 1e-300 makes every id already seen (the masks, eos, sop) the likeliest choice.
+    for kwargs in ({}, {"do_sample": True, "temperature": 5.0, "seed": 3}, {"num_beams": 2}):
+        with time_limit(30):
+            result = pipeline.generate("a [MASK] b [MASK]", max_new_tokens=6, repetition_penalty=1e-300, **kwargs)
+        assert len(result.blanks) == 2, kwargs
+        assert not {t for b in result.blanks for t in b.tokens} & not_text, kwargs
+
+
+def test_seeded_sampling_gives_each_prompt_the_same_text_alone_or_in_a_batch(pipeline):
+    prompts = ["import [MASK]", "Hello", "x = [MASK] + 1 if y else [MASK]"]
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.0, seed=7)
+    batch = pipeline.generate(prompts, **kwargs)
+    for prompt, result in zip(prompts, batch):
+        alone = pipeline.generate(prompt, **kwargs)
+        assert result.text == alone.text and [b.tokens for b in result.blanks] == [b.tokens for b in alone.blanks]
+
+
+def test_abort_before_a_blank_starts_reports_abort(pipeline):
+    untouched = pipeline.generate("a [MASK] b", max_new_tokens=5, should_abort=lambda: True)
+    assert untouched.blanks == [] and untouched.text == "a [MASK] b"
+    assert untouched.finish_reason == "abort" and untouched.unfilled_blanks == 1
+    # Checks: before blank 0, after each of its 2 tokens, then before blank 1, which is never started.
+    calls = iter(range(100))
+    half = pipeline.generate("a [MASK] b [MASK] c", max_new_tokens=2, should_abort=lambda: next(calls) >= 3)
+    assert [b.finish_reason for b in half.blanks] == ["length"] and half.text.endswith(" b [MASK] c")
+    assert half.finish_reason == "abort"
+
+
+def test_a_request_that_cannot_fit_in_memory_fails_fast_naming_num_beams(pipeline, time_limit):
+    with time_limit(10), pytest.raises(ValueError, match=r"num_beams=1000000 needs a KV cache of .* GiB"):
+        pipeline.generate("x = [MASK]", num_beams=10**6, max_new_tokens=4)
+
+
+BAD_CALLS = [
+    (("x",), {"on_text": 5}, "on_text"), (("x",), {"should_abort": 5}, "should_abort"),
+    (("x",), {"stop": 5}, "stop"), (("x",), {"stop": {"e"}}, "stop"), ((None,), {}, "prompts"),
+    ((["ok", 3],), {}, r"prompts\[1\]"), (("ab\ud800",), {}, "prompt holds a lone surrogate .* at character 2"),
+    (("x",), {"do_sample": "no"}, "do_sample"), (("x",), {"logprobs": "no"}, "logprobs"),
+    (("x",), {"seed": 2**64, "do_sample": True}, "seed"), (("x",), {"presence_penalty": -1e308}, "presence_penalty"),
+]
+
+
+@pytest.mark.parametrize("args, kwargs, named", BAD_CALLS)
+def test_bad_calls_name_the_parameter_before_any_compute(pipeline, monkeypatch, args, kwargs, named):
+    def no_compute(*a, **k):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(pipeline.generator, "generate", no_compute)
+    with pytest.raises((TypeError, ValueError), match=named):
+        pipeline.generate(*args, **kwargs)

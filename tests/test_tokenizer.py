@@ -261,3 +261,23 @@ def test_load_from_icetk_home(tmp_path, monkeypatch):
     assert calls == [str(home / ".icetk_models" / MODEL_FILE)]
     assert loaded.model_file == home / ".icetk_models" / MODEL_FILE
     assert loaded.encode("hello\nworld") == GLMTokenizer(DEMO_TOKENIZER_DIR).encode("hello\nworld")
+
+
+def test_lone_surrogates_are_refused_with_the_character_index(tok):
+    """SentencePiece takes UTF-8; a lone surrogate used to surface as an opaque pybind cast error."""
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at character 2"):
+        tok.encode("ab\ud800c")
+    with pytest.raises(ValueError, match="at character 7"):  # counted over the whole prompt, masks included
+        tok.encode_with_masks("[MASK] \udfff")
+    with pytest.raises(ValueError, match="at character 0"):
+        tok.tokens("\udc80 x")
+    with pytest.raises(TypeError, match="must be a string"):
+        tok.encode(5)
+    assert tok.decode(tok.encode("ok \U0001f600")) == "ok \U0001f600"  # astral characters are fine
+
+
+def test_control_ids_are_the_specials_and_no_text(tok):
+    controls = set(tok.control_ids)
+    assert set(tok.special_ids.values()) | {tok.eos_id} <= controls
+    text_ids = set(tok.encode("def f(x):\n\treturn x  + 1 é"))
+    assert not text_ids & controls

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .sampling import GenerationSettings, processed_logits
-from .tokens import (Context, StopCheck, TokenCallback, TokenLogprob, TokenOutput, _logprob_record,
+from .budget import check_kv_cache_fits
+from .tokens import (Context, StopCheck, TokenCallback, TokenLogprob, TokenOutput, _banned_tensor, _logprob_record,
                      _room_for_new_tokens, next_positions)
 
 if TYPE_CHECKING:
@@ -25,15 +26,17 @@ class _Beam:
 def beam_search(generator: "Generator", context: Context, settings: GenerationSettings,
                 end_tokens: tuple[int, ...], stop: StopCheck | None = None, index: int = 0,
                 on_token: TokenCallback | None = None, should_abort: Callable[[], bool] | None = None,
-                num_ids: int | None = None) -> TokenOutput:
+                num_ids: int | None = None, banned_ids=()) -> TokenOutput:
     """The best hypothesis by length-normalised log probability.
 
     Tokens reach `on_token` only once the best beam is known. An abort ends the search at once and
-    returns the best hypothesis so far.
+    returns the best hypothesis so far. `banned_ids` are never part of a hypothesis.
     """
     device = generator.device
     num_beams = settings.num_beams
     max_new = _room_for_new_tokens(generator.model, [context], settings)
+    check_kv_cache_fits(generator.model, num_beams, len(context.tokens) + max_new, f"num_beams={num_beams}")
+    banned = _banned_tensor(banned_ids, device)
     step, logits, _ = generator.prefill([context], max_new, batch_size=num_beams)
     step.cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))  # every beam starts from row 0
     logits = logits[:, :num_ids].expand(num_beams, -1)
@@ -52,7 +55,7 @@ def beam_search(generator: "Generator", context: Context, settings: GenerationSe
     survivors: list[tuple[int, _Beam]] = []
     for t in range(max_new):
         history = [list(context.tokens) + b.tokens for b in beams]
-        scores = processed_logits(logits, history, [b.tokens for b in beams], t, settings, end_tokens)
+        scores = processed_logits(logits, history, [b.tokens for b in beams], t, settings, end_tokens, banned)
         log_probs = scores.float().log_softmax(dim=-1)  # (beams, vocab)
         raw = logits.float().log_softmax(dim=-1) if keep_logprobs else None
         totals = torch.tensor([b.score for b in beams], device=device)[:, None] + log_probs

@@ -3,7 +3,10 @@
 Rules (GLM-130B's generate.py): a prompt without a mask gets `[gMASK]` appended; unless the prompt ends
 with a mask, `eos` follows the text; `sop` starts each generation. Masks are filled left to right, each
 generation spliced into the sequence before the next mask is filled. Unlike the original, which
-silently fills only the first kind it finds, mixing mask kinds in one prompt is an error.
+silently fills only the first kind it finds, mixing mask kinds in one prompt is an error; and unlike it,
+a blank's text never holds an id that is not text (a mask, sop, an image id): the original fills any
+mask it finds, generated ones too, so a sampled mask starts another round and a call can run forever.
+Here only the prompt's masks are blanks.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..tokenizer import MASK_PATTERN
+import torch
+
+from ..tokenizer import MASK_PATTERN, NUM_IMAGE_TOKENS, check_encodable
 from .sampling import GenerationSettings
 from .tokens import Context, Generator, TokenLogprob
 
@@ -39,6 +44,7 @@ class GenerationResult:
     text: str
     blanks: list[Blank] = field(default_factory=list)
     num_prompt_tokens: int = 0
+    unfilled_blanks: int = 0  # masks left in `text` because the call was aborted before they started
 
     @property
     def completion(self) -> str:
@@ -47,6 +53,9 @@ class GenerationResult:
 
     @property
     def finish_reason(self) -> str:
+        """Why generation ended: the last blank's reason, or "abort" when an abort left masks unfilled."""
+        if self.unfilled_blanks:
+            return "abort"
         return self.blanks[-1].finish_reason if self.blanks else "length"
 
     @property
@@ -84,7 +93,7 @@ def check_masks(prompt: str) -> list[str]:
     valid = {m.start(): m.group() for m in MASK_PATTERN.finditer(prompt)}
     for match in _MASK_LOOKALIKE.finditer(prompt):
         if valid.get(match.start()) != match.group():
-            raise ValueError(f"malformed mask {match.group()!r} at character {match.start()}: "
+            raise ValueError(f"malformed mask {match.group()!r} at character {match.start()} of the prompt: "
                              f"write [MASK], [sMASK] or [gMASK] exactly")
     kinds = list(valid.values())
     if len(set(kinds)) > 1:
@@ -98,6 +107,7 @@ def plan_prompt(tokenizer, prompt: str, max_sequence_length: int) -> PromptPlan:
     """Tokenize a prompt the way GLM-130B's generate.py does, validating it first."""
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
+    check_encodable(prompt, "the prompt")
     kinds = check_masks(prompt)
     tokens = list(tokenizer.encode_with_masks(prompt))
     appended = not kinds
@@ -111,6 +121,24 @@ def plan_prompt(tokenizer, prompt: str, max_sequence_length: int) -> PromptPlan:
         raise ValueError(f"prompt is {len(tokens) + 1} tokens long with the mask/eos/sop tokens GLM adds; "
                          f"the model takes at most {max_sequence_length}: shorten the prompt")
     return PromptPlan(prompt, tuple(tokens), mask_name, appended)
+
+
+def check_call(prompts, on_text=None, should_abort=None) -> list[str]:
+    """The batch of a generate call's `prompts`, its callbacks checked; TypeError/ValueError naming them."""
+    # One place for the checks both GLMPipeline.generate and GLMCluster.generate need before any compute.
+    for name, callback in (("on_text", on_text), ("should_abort", should_abort)):
+        if callback is not None and not callable(callback):
+            raise TypeError(f"{name} must be a function (or None), got {type(callback).__name__}")
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{index}] must be a string, got {type(prompt).__name__}")
+    return list(prompts)
 
 
 def _leading_space(tokenizer, tokens: list[int], before: str) -> str:
@@ -211,9 +239,14 @@ def fill_blanks(generator: Generator, tokenizer, plans: tuple[PromptPlan, ...], 
                for i, plan in enumerate(plans)]
     mask_ids = [tokenizer.mask_ids[plan.mask_name] for plan in plans]
     end_tokens = (tokenizer.eop_id, tokenizer.eos_id)
+    # Only the prompt's own masks are blanks; what is generated is text (see the module docstring).
+    blank_counts = [plan.tokens.count(mask_id) for plan, mask_id in zip(plans, mask_ids)]
+    # Image ids and control pieces are not text; eop and eos stay allowed, they end a blank.
+    controls = [i for i in tokenizer.control_ids if i not in end_tokens]
+    banned = torch.cat([torch.arange(NUM_IMAGE_TOKENS), torch.tensor(controls, dtype=torch.long)])
     round_number = 0
     while True:
-        pending = [i for i, seq in enumerate(sequences) if mask_ids[i] in seq]
+        pending = [i for i, result in enumerate(results) if len(result.blanks) < blank_counts[i]]
         if not pending or (should_abort is not None and should_abort()):
             break
         decoders, contexts = {}, []
@@ -236,7 +269,8 @@ def fill_blanks(generator: Generator, tokenizer, plans: tuple[PromptPlan, ...], 
 
         generated: dict[int, list[int]] = {}
         outputs = generator.generate(contexts, settings, end_tokens, stop=stop, on_token=forward_token,
-                                     should_abort=should_abort, num_ids=tokenizer.num_tokens)
+                                     should_abort=should_abort, num_ids=tokenizer.num_tokens, banned_ids=banned,
+                                     blank=round_number)
         for i, output in zip(pending, outputs):
             decoder = decoders[i]
             text = decoder.visible(decoder.text(output.tokens), final=True)
@@ -255,6 +289,7 @@ def fill_blanks(generator: Generator, tokenizer, plans: tuple[PromptPlan, ...], 
             sequences[i] = sequences[i][:position] + spliced + sequences[i][position + 1:]
         round_number += 1
     for i, result in enumerate(results):  # blanks left unfilled by an abort keep their masks
+        result.unfilled_blanks = blank_counts[i] - len(result.blanks)
         for k in range(len(result.blanks) + 1, len(pieces[i])):
             result.text += plans[i].mask_name + pieces[i][k]
     return results

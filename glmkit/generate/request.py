@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
 
-from .blanks import PromptPlan, fill_blanks, plan_prompt
+from .blanks import PromptPlan, check_call, fill_blanks, plan_prompt
 from .sampling import GenerationSettings
 
 
@@ -49,18 +49,13 @@ class GenerateRequest:
     @classmethod
     def build(cls, tokenizer, max_sequence_length: int, prompts: str | list[str], **kwargs) -> "GenerateRequest":
         """Validate a generate() call (prompts and keyword settings) before any compute; errors name the parameter."""
-        single = isinstance(prompts, str)
-        if prompts is None or not (single or isinstance(prompts, (list, tuple))):
-            raise TypeError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
-        batch = [prompts] if single else list(prompts)
-        if not batch:
-            raise ValueError("no prompts given: pass a string or a non-empty list of strings")
+        batch = check_call(prompts)
         settings = GenerationSettings.from_kwargs(**kwargs)
         if settings.seed is None and not settings.greedy:
             # Every tensor-parallel rank must draw the same samples, so an unseeded call gets one seed here.
             settings = replace(settings, seed=random.randrange(2**31))
         plans = tuple(plan_prompt(tokenizer, p, max_sequence_length) for p in batch)
-        return cls(plans, settings, single)
+        return cls(plans, settings, isinstance(prompts, str))
 
     @property
     def prompts(self) -> list[str]:

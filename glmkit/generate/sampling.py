@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+# OpenAI's range for frequency/presence penalties: beyond it one count outweighs any logit gap anyway.
+MAX_OUTPUT_PENALTY = 2.0
+# Keeps n ** length_penalty finite and non-zero for every n up to GLM-130B's 2048 positions.
+MAX_LENGTH_PENALTY = 10.0
+SEED_LIMIT = 2**64
+_FP32 = torch.finfo(torch.float32)
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -16,6 +23,12 @@ class GenerationSettings:
     `max_new_tokens` and `min_new_tokens` count tokens per filled blank. `stop` strings end a
     blank before the stop string. `top_logprobs=N` returns, for every generated token, its log
     probability and the N most likely alternatives under the model's raw distribution.
+
+    Ranges (checked here, so a bad value fails before any compute, naming the parameter): `temperature`
+    and `repetition_penalty` take any finite value >= 0 and > 0 (the arithmetic stays finite at the
+    extremes); `frequency_penalty` / `presence_penalty` are in [-2, 2] (OpenAI's range);
+    `length_penalty` in [-10, 10] (beyond that the normalisation only ranks by length); `seed` in
+    [0, 2**64) (torch's generator seeds); `do_sample` and `logprobs` are bools.
     """
 
     max_new_tokens: int = 64
@@ -38,6 +51,8 @@ class GenerationSettings:
     def __post_init__(self):
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _check_int("min_new_tokens", self.min_new_tokens, minimum=0)
+        _check_bool("do_sample", self.do_sample)
+        _check_bool("logprobs", self.logprobs)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed "
                              f"max_new_tokens ({self.max_new_tokens})")
@@ -52,20 +67,24 @@ class GenerationSettings:
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("beam search with sampling is not supported: set do_sample=False "
                              "or num_beams=1")
-        _check_float("length_penalty", self.length_penalty)
+        _check_float("length_penalty", self.length_penalty, bound=MAX_LENGTH_PENALTY)
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, minimum=0)
         _check_float("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 means none), got {self.repetition_penalty}")
-        _check_float("frequency_penalty", self.frequency_penalty)
-        _check_float("presence_penalty", self.presence_penalty)
+        _check_float("frequency_penalty", self.frequency_penalty, bound=MAX_OUTPUT_PENALTY)
+        _check_float("presence_penalty", self.presence_penalty, bound=MAX_OUTPUT_PENALTY)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        if not all(isinstance(s, str) and s for s in self.stop):
+        # A set or dict would be iterable too, but a set of stops has no order to report them in, and
+        # anything else (a number, bytes) is a mistake: only a list or tuple of strings is accepted.
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+            if self.seed >= SEED_LIMIT:
+                raise ValueError(f"seed must be below 2**64 (torch's generator seeds are 64-bit), got {self.seed}")
         _check_int("top_logprobs", self.top_logprobs, minimum=0)
         if self.top_logprobs > 20:
             raise ValueError(f"top_logprobs must be at most 20, got {self.top_logprobs}")
@@ -102,16 +121,22 @@ DESCRIPTIONS = {
     "top_k": "sample among the k likeliest tokens only (0: all)",
     "top_p": "sample among the smallest set of tokens whose probability reaches p (nucleus), in (0, 1]",
     "num_beams": "beam search with this many beams (1: none); not with sampling",
-    "length_penalty": "beam search: exponent of the length that normalises a beam's log probability",
+    "length_penalty": "beam search: exponent of the length that normalises a beam's log probability, in [-10, 10]",
     "no_repeat_ngram_size": "never repeat an n-gram of this size (0: off)",
     "repetition_penalty": "Hugging Face repetition penalty over prompt and output (1: none, >1 discourages)",
-    "frequency_penalty": "OpenAI frequency penalty: subtracted per earlier occurrence in the output",
-    "presence_penalty": "OpenAI presence penalty: subtracted once for any token already in the output",
+    "frequency_penalty": "OpenAI frequency penalty, in [-2, 2]: subtracted per earlier occurrence in the output",
+    "presence_penalty": "OpenAI presence penalty, in [-2, 2]: subtracted once for any token already in the output",
     "stop": "stop strings: a blank ends before the first of them",
     "seed": "random seed, for reproducible sampling",
     "logprobs": "return each generated token's log probability under the raw model",
     "top_logprobs": "return the N likeliest alternatives of each generated token too (at most 20)",
 }
+
+
+def _check_bool(name, value):
+    # "no" or 0 would silently mean something: a flag must be a real bool.
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_int(name, value, minimum):
@@ -121,9 +146,11 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_float(name, value):
+def _check_float(name, value, bound: float | None = None):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if bound is not None and not -bound <= value <= bound:
+        raise ValueError(f"{name} must be in [{-bound:g}, {bound:g}], got {value!r}")
 
 
 def apply_penalties(logits: torch.Tensor, history: list[list[int]], generated: list[list[int]],
@@ -133,18 +160,22 @@ def apply_penalties(logits: torch.Tensor, history: list[list[int]], generated: l
             and settings.presence_penalty == 0.0):
         return logits
     logits = logits.clone()
+    # A penalty such as 1e-300 is 0 in fp32 (and 1e300 is inf): keep the factor a positive finite fp32,
+    # so a seen logit is scaled, never turned into 0 * inf = NaN.
+    penalty = min(max(settings.repetition_penalty, _FP32.tiny), _FP32.max)
     for row, (seen, produced) in enumerate(zip(history, generated)):
         if settings.repetition_penalty != 1.0 and seen:
             ids = torch.tensor(sorted(set(seen)), device=logits.device)
             values = logits[row, ids]
             # HF divides positive logits and multiplies negative ones, so a penalty > 1 always
             # makes a seen token less likely.
-            logits[row, ids] = torch.where(values > 0, values / settings.repetition_penalty,
-                                           values * settings.repetition_penalty)
+            logits[row, ids] = torch.where(values > 0, values / penalty, values * penalty)
         if produced and (settings.frequency_penalty or settings.presence_penalty):
             ids, counts = torch.tensor(produced, device=logits.device).unique(return_counts=True)
             logits[row, ids] -= counts.to(logits.dtype) * settings.frequency_penalty + settings.presence_penalty
-    return logits
+    # An extreme penalty may overflow: +inf becomes the largest finite score (softmax of a row holding
+    # +inf is NaN), -inf stays the "never" it means.
+    return torch.nan_to_num(logits, nan=-math.inf, posinf=_FP32.max, neginf=-math.inf)
 
 
 def ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> torch.Tensor:
@@ -168,17 +199,38 @@ def repeated_ngram_bans(tokens: list[int], size: int) -> list[int]:
 
 
 def processed_logits(logits: torch.Tensor, history: list[list[int]], generated: list[list[int]], step: int,
-                     settings: GenerationSettings, end_tokens: tuple[int, ...]) -> torch.Tensor:
-    """Raw logits (b, vocab) with penalties, no-repeat-ngram bans and the min_new_tokens end-token ban applied."""
+                     settings: GenerationSettings, end_tokens: tuple[int, ...],
+                     banned_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw logits (b, vocab) with penalties and bans applied: `banned_ids` (1-D, ids that are never output),
+    repeated n-grams, and the end tokens before min_new_tokens. A row left with no id may still end."""
     if (settings.greedy and step >= settings.min_new_tokens and settings.no_repeat_ngram_size <= 0
             and settings.repetition_penalty == 1.0 and not settings.frequency_penalty
             and not settings.presence_penalty):
-        return logits  # plain greedy: argmax of the raw logits, no fp32 copy (decode is latency-bound)
+        # Plain greedy: argmax of the raw logits, no fp32 copy (decode is latency-bound). fill_blanks never
+        # bans the end tokens, so no row is left without a choice.
+        return logits if banned_ids is None else logits.index_fill(-1, banned_ids, -math.inf)
     scores = apply_penalties(logits.float(), history, generated, settings)
+    if banned_ids is not None:
+        scores = scores.index_fill(-1, banned_ids, -math.inf)
     banned = [repeated_ngram_bans(h, settings.no_repeat_ngram_size) for h in history]
     if step < settings.min_new_tokens:
         banned = [b + list(end_tokens) for b in banned]
-    return ban_tokens(scores, banned)
+    scores = ban_tokens(scores, banned)
+    return _keep_a_way_out(scores, logits, end_tokens)
+
+
+def _keep_a_way_out(scores: torch.Tensor, logits: torch.Tensor, end_tokens: tuple[int, ...]) -> torch.Tensor:
+    # N-gram and min_new_tokens bans can, on a small vocabulary, ban every id of a row; sampling from
+    # such a row is NaN. Such a row may end (its end tokens get their raw logits back); without end
+    # tokens (token-level calls) its bans are lifted, since no choice would meet them all.
+    # Computed on the device without asking the host whether any row is stuck: a decode step must not wait
+    # for the GPU here (the next step is queued right after this).
+    stuck = ~torch.isfinite(scores).any(dim=-1, keepdim=True)  # (b, 1)
+    way_out = logits.float()
+    if end_tokens:
+        ends = torch.tensor(end_tokens, device=scores.device)
+        way_out = torch.full_like(scores, -math.inf).index_copy(-1, ends, way_out.index_select(-1, ends))
+    return torch.where(stuck, way_out, scores)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -196,11 +248,30 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def sampling_probabilities(logits: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    """The distribution a sample is drawn from: temperature, top-k and top-p over (b, vocab) scores."""
+    logits = logits.float()
+    best = logits.amax(dim=-1, keepdim=True).clamp(min=-_FP32.max)  # (b, 1)
+    # Scale each id's gap to the row's best, not the logit itself: the best id keeps 0 at any temperature,
+    # so 1e-45 gives near-greedy and 1e300 near-uniform probabilities, never inf / inf = NaN. The
+    # temperature is kept within fp32's positive finite range (1e-45 would be 0 there).
+    temperature = min(max(settings.temperature, _FP32.tiny), _FP32.max)
+    gaps = (logits - best) / temperature
+    return filter_top_k_top_p(gaps, settings.top_k, settings.top_p).softmax(dim=-1)
+
+
 def choose_next(logits: torch.Tensor, settings: GenerationSettings,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy argmax or a temperature / top-k / top-p sample per row: (b, vocab) -> (b,)."""
+                generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Greedy argmax or a temperature / top-k / top-p sample per row: (b, vocab) -> (b,).
+
+    `generators` (one per row) draw each row's sample from its own random stream, so a row's tokens do
+    not depend on which other rows share the batch.
+    """
     if settings.greedy:
         return logits.argmax(dim=-1)
-    logits = filter_top_k_top_p(logits.float() / settings.temperature, settings.top_k, settings.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = sampling_probabilities(logits, settings)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    rows = [torch.multinomial(probs[row:row + 1], 1, generator=generator)
+            for row, generator in enumerate(generators)]
+    return torch.cat(rows).squeeze(-1)

@@ -11,13 +11,15 @@ streaming, the engines' stop check), so that host work overlaps the GPU instead 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..model import GLM, KVCache
-from .graphs import DecodeStep, StepGraphs
+from .budget import check_kv_cache_fits
+from .graphs import StepGraphs
 from .sampling import GenerationSettings, choose_next, processed_logits
 
 
@@ -88,12 +90,25 @@ def _logprob_record(log_probs: torch.Tensor, token: int, top_n: int) -> TokenLog
     return TokenLogprob(token=token, logprob=float(log_probs[token]), top=top)
 
 
-def _make_generator(settings: GenerationSettings, device) -> torch.Generator | None:
-    if settings.seed is None:
+# Blank k of a prompt samples from seed + k * this (mod 2**64): the odd 64-bit golden-ratio constant keeps
+# blank 1 of seed s from reusing blank 0 of seed s + 1.
+_BLANK_SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def _make_generators(settings: GenerationSettings, device, rows: int,
+                     blank: int) -> list[torch.Generator] | None:
+    """One generator per row, each seeded from the seed and the blank number only: a prompt draws the same
+    samples alone, in any batch, and on every rank of a cluster."""
+    if settings.seed is None or settings.greedy:
         return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(settings.seed)
-    return generator
+    seed = (settings.seed + blank * _BLANK_SEED_STRIDE) % 2**64
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(rows)]
+
+
+def _banned_tensor(banned_ids: Sequence[int] | torch.Tensor, device) -> torch.Tensor | None:
+    if len(banned_ids) == 0:
+        return None
+    return torch.as_tensor(banned_ids, dtype=torch.long).to(device)
 
 
 def _room_for_new_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings) -> int:
@@ -159,25 +174,30 @@ class Generator:
     @torch.inference_mode()
     def generate(self, contexts: list[Context], settings: GenerationSettings, end_tokens: tuple[int, ...],
                  stop: StopCheck | None = None, on_token: TokenCallback | None = None,
-                 should_abort: Callable[[], bool] | None = None, num_ids: int | None = None) -> list[TokenOutput]:
+                 should_abort: Callable[[], bool] | None = None, num_ids: int | None = None,
+                 banned_ids: Sequence[int] | torch.Tensor = (), blank: int = 0) -> list[TokenOutput]:
         """Greedy, sampled or beam-search generation for a batch of contexts, sharing one KV cache.
 
-        `num_ids` (the tokenizer's id count) keeps the padding rows of the vocabulary from being chosen.
+        `num_ids` (the tokenizer's id count) keeps the padding rows of the vocabulary from being chosen, and
+        `banned_ids` other ids (masks, sop, image ids) in every strategy. `blank` (which blank of each prompt
+        this is) picks the seeded random stream.
         """
         if settings.num_beams > 1:
-            return [self._beam_search(c, settings, end_tokens, stop, i, on_token, should_abort, num_ids)
-                    for i, c in enumerate(contexts)]
+            return [self._beam_search(c, settings, end_tokens, stop, i, on_token, should_abort, num_ids,
+                                      banned_ids) for i, c in enumerate(contexts)]
         max_new = _room_for_new_tokens(self.model, contexts, settings)
-        step, logits, pads = self.prefill(contexts, max_new)
         length = max(len(c.tokens) for c in contexts)
-        generator = _make_generator(settings, self.device)
+        check_kv_cache_fits(self.model, len(contexts), length + max_new, f"a batch of {len(contexts)} prompts")
+        banned = _banned_tensor(banned_ids, self.device)
+        step, logits, pads = self.prefill(contexts, max_new)
+        generators = _make_generators(settings, self.device, len(contexts), blank)
         outputs = [TokenOutput(logprobs=[] if settings.wants_logprobs else None) for _ in contexts]
         active = list(range(len(contexts)))
         for t in range(max_new):
             logits = logits[:, :num_ids]
             history = [list(c.tokens) + o.tokens for c, o in zip(contexts, outputs)]
-            scores = processed_logits(logits, history, [o.tokens for o in outputs], t, settings, end_tokens)
-            chosen = choose_next(scores, settings, generator)  # (b,) on the device
+            scores = processed_logits(logits, history, [o.tokens for o in outputs], t, settings, end_tokens, banned)
+            chosen = choose_next(scores, settings, generators)  # (b,) on the device
             # Read what this step's logits give before the next step overwrites its graph's output buffer.
             raw_log_probs = logits.float().log_softmax(dim=-1) if settings.wants_logprobs else None
             tokens = _HostCopy(chosen)
@@ -217,16 +237,19 @@ class Generator:
 
     def _beam_search(self, context: Context, settings: GenerationSettings, end_tokens: tuple[int, ...],
                      stop: StopCheck | None, index: int, on_token: TokenCallback | None,
-                     should_abort: Callable[[], bool] | None, num_ids: int | None) -> TokenOutput:
+                     should_abort: Callable[[], bool] | None, num_ids: int | None, banned_ids) -> TokenOutput:
         from .beams import beam_search
 
-        return beam_search(self, context, settings, end_tokens, stop, index, on_token, should_abort, num_ids)
+        return beam_search(self, context, settings, end_tokens, stop, index, on_token, should_abort, num_ids,
+                           banned_ids)
 
 
 def generate_tokens(model: GLM, contexts: list[Context], settings: GenerationSettings,
                     end_tokens: tuple[int, ...], stop: StopCheck | None = None,
                     on_token: TokenCallback | None = None, should_abort: Callable[[], bool] | None = None,
-                    num_ids: int | None = None) -> list[TokenOutput]:
+                    num_ids: int | None = None, banned_ids: Sequence[int] | torch.Tensor = (),
+                    blank: int = 0) -> list[TokenOutput]:
     """One call of a fresh eager Generator (tests and scripts); long-lived callers keep a Generator."""
     return Generator(model, use_graphs=False, kernels=False).generate(
-        contexts, settings, end_tokens, stop=stop, on_token=on_token, should_abort=should_abort, num_ids=num_ids)
+        contexts, settings, end_tokens, stop=stop, on_token=on_token, should_abort=should_abort, num_ids=num_ids,
+        banned_ids=banned_ids, blank=blank)

@@ -31,7 +31,7 @@ from ipyparallel.cluster import launcher as ipp_launcher
 
 from . import engine, watchdog
 from ..config import KitConfig, load_config
-from ..generate.blanks import GenerationResult, TextEvent
+from ..generate.blanks import GenerationResult, TextEvent, check_call
 from ..generate.request import GenerateRequest
 from ..tokenizer import GLMTokenizer
 
@@ -308,12 +308,14 @@ class GLMCluster:
                  **kwargs) -> GenerationResult | list[GenerationResult]:
         """Fill blanks on all engines in lockstep (same keywords as GLMPipeline.generate); rank 0's result."""
         request = prompts if isinstance(prompts, GenerateRequest) else self.request(prompts, **kwargs)
+        check_call(request.prompts, on_text, should_abort)  # the callbacks, as GLMPipeline.generate checks them
         results = self.call(request, on_event=on_text, should_abort=should_abort, timeout=timeout)
         return results[0] if request.single else results
 
     def stream(self, prompts: str | list[str], *, should_abort: Callable[[], bool] | None = None,
                timeout: float | None = None, **kwargs) -> Iterator[TextEvent]:
         """Yield TextEvents as engines generate; the results are in `last_results` afterwards."""
+        check_call(prompts, None, should_abort)
         request = self.request(prompts, **kwargs)
         holder: dict = {}
         with self._lock:
