@@ -190,23 +190,30 @@ def _bench(args) -> int:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
         raise ValueError(f"--batches takes comma-separated integers such as 1,8,32, got {args.batches!r}") from None
-    # A YAML config supplies dtype, device and quantization unless they are given here; presets default to
-    # fp16 on CUDA.
     options = BenchOptions(
-        config=model, config_name=name,
-        dtype=args.dtype or (kit.dtype if kit else "fp16"),
-        device=args.device or (kit.device if kit else "cuda"),
-        quantization=args.quantization or (kit.quantization if kit else None),
+        config=model, config_name=name, **_bench_precision(args, kit),
         tp=args.tp, batches=batches, prompt_tokens=args.prompt_tokens, new_tokens=args.tokens,
         repeats=args.repeats, copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
         against=args.against, seed=args.seed, verify_context=args.verify_context,
         kernel_configs=args.kernel_configs, all_reduce=args.all_reduce)
     with contextlib.redirect_stdout(sys.stderr):  # whatever SAT or torch print, stdout carries only the JSON
         result = run_bench(options)
+    return _print_json(result, args.out)
+
+
+def _bench_precision(args, kit) -> dict:
+    # A YAML config supplies dtype, device and quantization unless they are given here; presets default to
+    # fp16 on CUDA.
+    return {"dtype": args.dtype or (kit.dtype if kit else "fp16"),
+            "device": args.device or (kit.device if kit else "cuda"),
+            "quantization": args.quantization or (kit.quantization if kit else None)}
+
+
+def _print_json(result: dict, out: str | None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
     return 0
 
@@ -218,20 +225,12 @@ def _bench_engines(args, model, kit) -> int:
     if args.engines < 1:
         raise ValueError(f"--engines takes the number of engines (at least 1), got {args.engines}")
     tokenizer = kit.tokenizer if kit is not None and kit.tokenizer is not None else DEMO_TOKENIZER_DIR
-    with contextlib.redirect_stdout(sys.stderr):
-        result = run_engine_bench(model, engines=args.engines, dtype=args.dtype or (kit.dtype if kit else "fp16"),
-                                  device=args.device or (kit.device if kit else "cuda"),
-                                  quantization=args.quantization or (kit.quantization if kit else None),
-                                  tokenizer=tokenizer, prompt_tokens=args.prompt_tokens, new_tokens=args.tokens,
-                                  repeats=args.repeats, seed=args.seed,
-                                  copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+        result = run_engine_bench(model, engines=args.engines, **_bench_precision(args, kit), tokenizer=tokenizer,
+                                  prompt_tokens=args.prompt_tokens, new_tokens=args.tokens, repeats=args.repeats,
+                                  seed=args.seed, copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
                                   pipeline=not args.no_pipeline)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return _print_json(result, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:

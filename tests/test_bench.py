@@ -291,3 +291,21 @@ def test_python_overhead_is_not_negative_on_a_cpu_that_stalls(monkeypatch):
     record = bench.measure_batch(model, StepGraphs(model), 1, options, Clock(torch.device("cpu")))
     assert record["ms_per_token"] == pytest.approx(1.0) and record["step_ms"] == pytest.approx(1.0), record
     assert record["python_overhead_ms"] == pytest.approx(0.0, abs=1e-9), record
+
+
+def test_engine_bench_times_the_cluster_and_the_pipeline_on_the_same_weights():
+    """`glmkit bench --engines`: random weights installed on 2 CPU engines by a request and in a pipeline; both
+    generate the same greedy text from them (one model at every TP size), and every documented key is there."""
+    from glmkit.config import load_config
+    from glmkit.lab.engine_bench import CALL_KEYS, ENGINE_KEYS, run_engine_bench
+
+    kit = load_config("glm-tiny")
+    result = run_engine_bench(kit.model, engines=2, dtype="fp32", device="cpu", tokenizer=kit.tokenizer,
+                              prompt_tokens=24, new_tokens=10, short_tokens=3, repeats=1, copy_bytes=2**20)
+    assert set(result) == set(ENGINE_KEYS)
+    for backend in ("pipeline", "cluster", "cluster_streaming"):
+        record = result[backend]
+        assert set(CALL_KEYS) <= set(record)
+        assert record["generated"] == [3, 10] and record["ms_per_token"] > 0
+    assert result["cluster"]["text"] == result["pipeline"]["text"] == result["cluster_streaming"]["text"]
+    assert result["engines"] == 2 and result["weight_bytes_per_gpu"] > 0
