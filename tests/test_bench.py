@@ -272,23 +272,24 @@ def test_python_overhead_is_not_negative_on_a_cpu_that_stalls(monkeypatch):
     """
     import time as time_module
 
-    from glmkit.generate.graphs import DecodeStep, StepGraphs
+    from glmkit.generate.graphs import DecodeStep
+    from glmkit.generate.tokens import Generator
     from glmkit.lab.timing import Clock
 
     now = {"s": 0.0, "steps": 0}
-    run = DecodeStep._run
+    run = DecodeStep.run_eager
 
     def timed_run(self):
         now["steps"] += 1
         now["s"] += 0.001 + (0.04 if now["steps"] % 4 == 0 else 0.0)
         return run(self)
 
-    monkeypatch.setattr(DecodeStep, "_run", timed_run)
+    monkeypatch.setattr(DecodeStep, "run_eager", timed_run)
     monkeypatch.setattr(time_module, "perf_counter", lambda: now["s"])
     options = BenchOptions(config=TINY, dtype="fp32", device="cpu", batches=(1,), prompt_tokens=6, new_tokens=8,
                            repeats=3)
     model = build_random_model(TINY, torch.float32, torch.device("cpu"), seed=0)
-    record = bench.measure_batch(model, StepGraphs(model), 1, options, Clock(torch.device("cpu")))
+    record = bench.measure_batch(Generator(model, use_graphs=False), 1, options, Clock(torch.device("cpu")))
     assert record["ms_per_token"] == pytest.approx(1.0) and record["step_ms"] == pytest.approx(1.0), record
     assert record["python_overhead_ms"] == pytest.approx(0.0, abs=1e-9), record
 

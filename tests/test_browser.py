@@ -266,6 +266,7 @@ CLIPPED_JS = """root => {
     probe.style.cssText = 'position:absolute;visibility:hidden;white-space:pre';
     document.body.appendChild(probe);
     for (const select of root.querySelectorAll('select')) {
+        if (select.offsetParent === null) continue;  // a hidden row (compare mode off) has no width to judge
         probe.style.font = getComputedStyle(select).font;
         for (const option of select.options) {
             probe.textContent = option.text;

@@ -55,12 +55,13 @@ class HistoryPanel:
 
     def __init__(self, on_load):
         self.runs: list[Run] = []
+        # The whole row's width: an entry (time, strategy, prompt -> answer) is ~95 characters long.
         self.picker = w.Dropdown(options=[], description="history", style={"description_width": "5em"},
-                                 layout=w.Layout(width="42em"))
+                                 layout=w.Layout(flex="1 1 auto", width="auto"))
         self.load_button = w.Button(description="Load run", icon="history",
                                     tooltip="put the chosen run's prompt, settings and output back")
         self.load_button.on_click(lambda _: on_load(self.chosen()))
-        self.root = w.HBox([self.picker, self.load_button])
+        self.root = w.HBox([self.picker, self.load_button], layout=w.Layout(width="100%"))
         self._refresh()
 
     def add(self, run: Run) -> None:
