@@ -2,7 +2,8 @@
 
 Copies <out>/checkpoint to demo/glm-tiny (replacing it), the tokenizer the run used (its path and sha256
 are in training_log.json; the GPU run does not send it back) to demo/tokenizer, and training_log.json,
-training_curve.png and train.log to docs/demo-model/, with unigram_counts.json written from the log.
+training_curve.png, train.log and evaluate.log (the console output of an --evaluate run, if any) to
+docs/demo-model/, with unigram_counts.json written from the log.
 
     python scripts/install_demo_model.py OUT [--demo demo] [--docs docs/demo-model]
 """
@@ -41,7 +42,7 @@ def install(out: Path, demo: Path, docs: Path) -> None:
     (demo / "tokenizer").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(tokenizer_file, demo / "tokenizer" / MODEL_FILE)
     docs.mkdir(parents=True, exist_ok=True)
-    for name in ("training_log.json", "training_curve.png", "train.log"):
+    for name in ("training_log.json", "training_curve.png", "train.log", "evaluate.log"):
         if (out / name).is_file():
             shutil.copyfile(out / name, docs / name)
     about = ("add-one unigram baseline counts: token id -> count over the demo corpus' training files "

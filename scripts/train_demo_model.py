@@ -21,6 +21,8 @@ same held-out code (per character: the tokenizers differ) and translations.
     python scripts/train_demo_model.py --build-corpus-only        # writes the corpus file and exits
     python scripts/train_demo_model.py --device cuda --minutes 8  # trains
     python scripts/train_demo_model.py --plot-only artifacts/glm-tiny-trained/training_log.json
+    python scripts/train_demo_model.py TRAINING_FLAGS --evaluate OUT/checkpoint --train-log train.log \
+        --out OUT --device cpu   # only the part after training, on a finished run's shards and console output
     python scripts/install_demo_model.py OUT                     # a finished run -> demo/ and docs/demo-model/
 """
 from __future__ import annotations
@@ -30,7 +32,6 @@ import dataclasses
 import gzip
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -41,15 +42,17 @@ from pathlib import Path
 
 import torch
 
-from glmkit.checkpoint import save_checkpoint
-from glmkit.lab.word_pairs import load_pairs, pair_documents, translation_accuracy
+from glmkit.checkpoint import inspect_checkpoint, save_checkpoint
+from glmkit.lab.demo_eval import (format_record, heldout_batches, nats_per_char, parse_train_log, plot,
+                                  sample_prompts, score_baseline, score_translation)
+from glmkit.lab.word_pairs import load_pairs, pair_documents
 from glmkit.config import REPO_ROOT, load_config
 from glmkit.generate.blanks import check_masks
 from glmkit.model import GLM
 from glmkit.generate.pipeline import GLMPipeline, load_model
 from glmkit.parallel.layout import split_tensor
 from glmkit.tokenizer import DEMO_TOKENIZER_DIR, MODEL_FILE, NUM_IMAGE_TOKENS, GLMTokenizer
-from glmkit.lab.objective import BatchStream, Corpus, ObjectiveSettings, heldout_lm_samples, make_batch, pack_rows
+from glmkit.lab.objective import BatchStream, Corpus, ObjectiveSettings, make_batch
 from glmkit.lab.training import (TrainSettings, evaluate, init_weights, perplexity, scored_tokens, train,
                              unigram_log_probs)
 
@@ -62,13 +65,6 @@ EXCLUDED_DIRS = {"site-packages", "dist-packages", "encodings", "__pycache__"}
 HELDOUT_MODULUS = 25  # package files whose path hash is 0 mod 25 are held out (top-level files trained the tokenizer)
 EVAL_SEED = 20_000  # the held-out [MASK]/[sMASK] batches are the same whatever the training seed
 NUM_SHARDS = 2
-PROMPTS = [  # shown after training: [MASK] infilling of code, [gMASK] continuations of a docstring and prose
-    "def [MASK](self, other):\n    return self.value + other.value",
-    'def read_lines(path):\n    """',
-    "import os\nimport [MASK]\n\n\ndef main():\n    args = sys.argv[1:]",
-    "Return True if the [MASK] is empty, False otherwise.",
-    "The module provides",
-]
 
 
 # ----- corpus -----------------------------------------------------------------------------------------------
@@ -207,81 +203,155 @@ def save_sharded(model: GLM, out: Path, iteration: int) -> None:
     save_checkpoint(out, shards, iteration=iteration, model_config=model_config)
 
 
-def plot(log: dict, path: Path) -> bool:
-    """Training curve: train loss, held-out losses and the unigram baseline (in nats per token)."""
+# ----- training, or a finished run's printed log --------------------------------------------------------------
+
+def train_run(args, corpus: dict, tokenizer: GLMTokenizer, model_config, objective, settings, lm_batches,
+              unigram_ppl: float, device: torch.device, checkpoint_dir: Path) -> dict:
+    """Train a fresh model, write its shards; the records and facts of the run."""
+    train_corpus, heldout = split_corpus(corpus, "train"), split_corpus(corpus, "heldout")
+    blank_objective = dataclasses.replace(objective, gmask_fraction=0.0)
+    blank_batches = [make_batch(heldout, tokenizer, blank_objective, args.batch_rows, EVAL_SEED, i)
+                     for i in range(args.eval_blank_batches)]
+    model = GLM(model_config)
+    init_weights(model, args.seed)
+    model.to(device)
+    print(f"model {args.config}{' (overridden)' if args.overridden else ''}: {model_config.num_parameters():,} "
+          f"parameters; device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
+    trained = torch.compile(model) if args.compile else model
+
+    def evaluate_fn() -> dict:
+        lm = evaluate(trained, lm_batches, device)
+        metrics = {"eval_loss": lm.loss, "heldout_perplexity": lm.perplexity,
+                   "ratio_to_unigram": lm.perplexity / unigram_ppl}
+        if blank_batches:
+            metrics["heldout_blank_loss"] = evaluate(trained, blank_batches, device).loss
+        return metrics
+
+    def on_record(record: dict) -> None:
+        if line := format_record(record):  # every record is in training_log.json; evaluations and a heartbeat
+            print(line, flush=True)
+
+    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else
+                                                             max(1, min(8, (os.cpu_count() or 2) - 2)))
+    # Workers hand batches over through /dev/shm (the (b, 1, s, s) mask dominates); a small one (container
+    # default 64 MB) would kill them with a bus error, so build batches in this process instead.
+    in_flight = 2 * workers * 4 * args.batch_rows * objective.sequence_length * (objective.sequence_length + 40)
+    shm_free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
+    if workers and shm_free < in_flight:
+        print(f"/dev/shm has {shm_free / 1e6:.0f} MB free, workers need about {in_flight / 1e6:.0f} MB: "
+              f"building batches in the main process (slower)")
+        workers = 0
+    stream = BatchStream(train_corpus, args.tokenizer, objective, args.batch_rows, args.seed)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda",
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    started = time.perf_counter()
+    records = train(trained, iter(loader), settings, device, evaluate_fn, on_record)
+    train_seconds = time.perf_counter() - started
+    steps = max(r["step"] for r in records)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_sharded(model, checkpoint_dir, iteration=steps)
+    return {"records": records, "steps": steps, "train_seconds": train_seconds, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "data_workers": workers, "command": " ".join(sys.argv)}
+
+
+def printed_run(args, model_config) -> dict:
+    """The run behind --evaluate's checkpoint: its printed records (--train-log) and step count."""
+    if args.train_log is None or not args.train_log.is_file():
+        raise SystemExit(f"--evaluate needs --train-log, the training run's console output "
+                         f"(got {args.train_log}): its records make the log and the curve")
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed: no {path.name}; run --plot-only on the log where it is")
-        return False
-    records = log["records"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    train_points = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    lm_points = [(r["step"], math.log(r["heldout_perplexity"])) for r in records if "heldout_perplexity" in r]
-    blank_points = [(r["step"], r["heldout_blank_loss"]) for r in records if "heldout_blank_loss" in r]
-    ax.plot(*zip(*train_points), lw=1, alpha=0.7, label="train loss (all targets)")
-    ax.plot(*zip(*lm_points), marker="o", ms=3, label="held-out [gMASK] text loss")
-    if blank_points:
-        ax.plot(*zip(*blank_points), marker="s", ms=3, label="held-out [MASK]/[sMASK] loss")
-    unigram = math.log(log["result"]["unigram_perplexity"])
-    ax.axhline(unigram, color="gray", ls="--", label=f"unigram baseline (ppl {math.exp(unigram):.0f})")
-    ax.axhline(unigram - math.log(3), color="gray", ls=":", label="target: 1/3 of unigram perplexity")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats per token")
-    ax.set_ylim(0, min(max(v for _, v in train_points + lm_points), unigram + 3))
-    model = log["recipe"]["model"]
-    ax.set_title(f"{log['recipe']['config_name']}: {model['num_layers']} layers, hidden {model['hidden_size']}, "
-                 f"final held-out ppl {log['result']['heldout_perplexity']:.1f}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+        info = inspect_checkpoint(args.evaluate)
+        printed = parse_train_log(args.train_log.read_text())
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--evaluate: {error}") from None
+    found = {k: v for k, v in (info.model_config or {}).items() if k in dataclasses.asdict(model_config)}
+    differ = {k: (v, getattr(model_config, k)) for k, v in found.items() if v != getattr(model_config, k)}
+    if differ:
+        raise SystemExit(f"{args.evaluate}/model_config.json does not match the flags given "
+                         f"({', '.join(f'{k}: {a} there, {b} here' for k, (a, b) in differ.items())}): "
+                         f"pass the training run's --config/--num-layers/... flags")
+    records, steps = printed["records"], int(info.iteration)
+    if max(r["step"] for r in records) != steps:
+        raise SystemExit(f"{args.train_log} ends at step {max(r['step'] for r in records)} but {args.evaluate} "
+                         f"is iteration {steps}: not the log of this checkpoint")
+    # The training command is this one without the evaluation's own flags (--out is not in the log).
+    argv, skip = sys.argv[1:], {"--evaluate", "--train-log", "--out", "--device", "--eval-windows", "--eval-pairs"}
+    kept = [a for i, a in enumerate(argv) if a not in skip and (i == 0 or argv[i - 1] not in skip)]
+    kept = ["--device", printed["device"], *kept] if printed["device"] else kept
+    return {"records": records, "steps": steps, "train_seconds": max(r.get("elapsed_s", 0) for r in records),
+            "device": printed["device"], "device_name": printed["device_name"], "torch": None,
+            "data_workers": None, "command": " ".join(["scripts/train_demo_model.py", *kept]),
+            "records_note": "the records the run printed (every evaluation, a heartbeat every 500 steps, parsed "
+                            f"from {args.train_log.name}); eval_loss and the 25-step records were not printed",
+            "evaluated_by": " ".join(sys.argv) + f"  (device {args.device}, torch {torch.__version__})"}
 
 
-# ----- evaluation -------------------------------------------------------------------------------------------
+# ----- evaluation and outputs ---------------------------------------------------------------------------------
 
-def nats_per_char(result, samples, tokenizer: GLMTokenizer) -> float:
-    """Held-out loss per character of the scored text: comparable across tokenizers, unlike perplexity."""
-    chars = sum(len(tokenizer.decode([t for t in s.targets if t != tokenizer.eop_id])) for s in samples)
-    return result.text_loss * result.num_text / chars
+def finish(args, run: dict, corpus: dict, stats: dict, tokenizer: GLMTokenizer, config, model_config, objective,
+           settings, lm_samples, lm_batches, heldout_tokens, unigram_ppl: float, device, checkpoint_dir: Path) -> None:
+    """Reload the shards, generate, score code and translation (and the shipped model), write the log."""
+    tokenizer_file = args.tokenizer / MODEL_FILE
+    size = sum(p.stat().st_size for p in checkpoint_dir.rglob("*") if p.is_file())
+    kit = config.replace(model=model_config, checkpoint=checkpoint_dir.resolve(), tokenizer=args.tokenizer.resolve(),
+                         dtype="fp32", device=str(device))
+    reloaded = load_model(kit)
+    lm = evaluate(reloaded, lm_batches, device)  # the written shards through the inference path
+    pipeline = GLMPipeline(reloaded, tokenizer, kit)
+    samples = sample_prompts(pipeline)
+    code = {"heldout_nats_per_char": nats_per_char(lm, lm_samples, tokenizer)}
+    translation = score_translation(pipeline, corpus["translation"], args.eval_pairs) if "translation" in corpus else None
+    baseline = (score_baseline(split_corpus(corpus, "heldout").texts, corpus.get("translation"), args.batch_rows,
+                               args.eval_windows, args.eval_pairs, device) if args.baseline else None)
+    final = next(r for r in reversed(run["records"]) if "heldout_perplexity" in r)
+    result = {"heldout_perplexity": final["heldout_perplexity"], "unigram_perplexity": unigram_ppl,
+              "ratio": final["heldout_perplexity"] / unigram_ppl, "reloaded_fp16_perplexity": lm.perplexity,
+              "heldout_scored_tokens": len(heldout_tokens), "steps": run["steps"],
+              "train_seconds": run["train_seconds"], "checkpoint_bytes": size,
+              "tokenizer_bytes": tokenizer_file.stat().st_size, "samples": samples,
+              **code, "translation": translation, "baseline": baseline}
+    recipe = {"command": run["command"], "config_name": config.name, "model": dataclasses.asdict(model_config),
+              "objective": dataclasses.asdict(objective), "training": dataclasses.asdict(settings),
+              "batch_rows": args.batch_rows, "seed": args.seed, "device": run["device"],
+              "device_name": run["device_name"], "torch": run["torch"], "python": sys.version.split()[0],
+              "corpus": stats, "data_workers": run["data_workers"],
+              "eval": {"windows": len(lm_samples), "blank_batches": args.eval_blank_batches, "eval_seed": EVAL_SEED},
+              "tokenizer": str(args.tokenizer), "tokenizer_sha256": _sha256(tokenizer_file),
+              "reproduce": run["command"].split(" ", 1)[-1] + f" --steps {run['steps']}  (bitwise only on CPU: "
+                           f"CUDA kernels such as the embedding backward are not deterministic)"}
+    if "evaluated_by" in run:
+        recipe["evaluated_by"] = run["evaluated_by"]
+    log = {"recipe": recipe, "records": run["records"], "result": result,
+           "unigram_counts": corpus["unigram_counts"]}  # install_demo_model.py writes unigram_counts.json
+    if "records_note" in run:
+        log["records_note"] = run["records_note"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    plot(log, args.out / "training_curve.png")
 
-
-def score_translation(backend, corpus: dict, limit: int | None) -> dict:
-    """Held-out accuracy, the same on a sample of training pairs, and a few answers without the stop."""
-    items = corpus["translation"]["heldout"][:limit]
-    scores = translation_accuracy(backend, items)
-    scores["memory"] = {k: v for k, v in translation_accuracy(backend, corpus["translation"]["memory"][:limit]).items()
-                        if k != "rows"}
-    # Without stops the answer runs on into invented examples: what notebook 03 shows the stop sequence for.
-    scores["without_stop"] = []
-    for item in items[:4]:
-        result = backend.generate(item["prompt"], max_new_tokens=24)
-        scores["without_stop"].append({"english": item["english"], "completion": result.completion,
-                                       "finish_reason": result.finish_reason})
-    return scores
-
-
-def score_baseline(heldout: Corpus, corpus: dict, args, device) -> dict:
-    """The shipped demo model (configs/glm-tiny.yaml) on the same held-out code and translation prompts."""
-    kit = load_config("glm-tiny").replace(dtype="fp32", device=str(device))
-    model, tokenizer = load_model(kit), GLMTokenizer.load(kit.tokenizer)
-    texts = heldout.texts
-    own = Corpus(texts, tuple(len(t) / max(1, len(tokenizer.encode(t))) for t in texts))
-    samples = heldout_lm_samples(own, tokenizer, model.config.max_sequence_length, args.eval_windows)
-    batches = [pack_rows([[s] for s in samples[i:i + args.batch_rows]], model.config.max_sequence_length,
-                         tokenizer.eop_id) for i in range(0, len(samples), args.batch_rows)]
-    lm = evaluate(model, batches, device)
-    scores = {"checkpoint": str(kit.checkpoint), "heldout_perplexity": lm.perplexity,
-              "heldout_nats_per_char": nats_per_char(lm, samples, tokenizer)}
-    if "translation" in corpus:
-        found = translation_accuracy(GLMPipeline(model, tokenizer, kit), corpus["translation"]["heldout"][:args.eval_pairs])
-        scores["translation"] = {k: v for k, v in found.items() if k != "rows"}
-        scores["translation"]["first_answers"] = [r["answer"] for r in found["rows"][:8]]
-    return scores
+    for sample in samples:
+        print(f"--- {sample['prompt']!r} ->\n{sample['text']}")
+    print(f"\nwrote {args.out / 'training_log.json'}, {args.out / 'training_curve.png'}; checkpoint {checkpoint_dir} "
+          f"({size / 1e6:.1f} MB in {NUM_SHARDS} fp16 shards, iteration {run['steps']})")
+    print(f"trained {run['steps']} steps in {run['train_seconds'] / 60:.1f} min on {run['device_name']}")
+    print(f"held-out perplexity ({len(lm_samples)} windows): model {result['heldout_perplexity']:.2f} (reloaded fp16 "
+          f"shards {lm.perplexity:.2f}), unigram {unigram_ppl:.2f}, ratio {result['ratio']:.3f} (target <= 0.333); "
+          f"{code['heldout_nats_per_char']:.4f} nats per character")
+    if translation:
+        print(f"held-out translation ({translation['count']} pairs, notebook 03's prompt, stop '\\n'): exact "
+              f"{translation['exact']:.1%}, any dictionary translation {translation['accepted']:.1%}; training "
+              f"pairs: exact {translation['memory']['exact']:.1%}")
+        for row in translation["rows"][:12]:
+            print(f"  {row['english']!r:24} -> {row['answer']!r:24} (dictionary: {row['german']!r})")
+        for demo in translation["without_stop"]:
+            print(f"  without stop: {demo['english']!r} -> {demo['completion']!r} ({demo['finish_reason']})")
+    if baseline:
+        found = baseline.get("translation")
+        print(f"shipped demo model: {baseline['heldout_perplexity']:.2f} token perplexity with its tokenizer, "
+              f"{baseline['heldout_nats_per_char']:.4f} nats per character"
+              + (f"; translation exact {found['exact']:.1%}, first answers {found['first_answers'][:3]}" if found else ""))
 
 
 # ----- main -------------------------------------------------------------------------------------------------
@@ -290,6 +360,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "glm-tiny-trained",
                    help="output folder: checkpoint/, training_log.json, training_curve.png")
+    p.add_argument("--evaluate", type=Path, metavar="CHECKPOINT",
+                   help="do not train: evaluate this run's checkpoint folder and write --out's log and curve "
+                        "(with --train-log and the training run's flags)")
+    p.add_argument("--train-log", type=Path, help="with --evaluate: the training run's console output")
     p.add_argument("--corpus", type=Path, help="corpus file, built here if missing (default: "
                    f"{CORPUS_FILE.relative_to(REPO_ROOT)}, or {MIXED_CORPUS_FILE.name} beside it with --pairs)")
     p.add_argument("--pairs", type=Path, help="word-pairs file of scripts/make_word_pairs.py to train on too")
@@ -350,15 +424,17 @@ def main(argv=None) -> None:
     if args.build_corpus_only:
         return
 
-    checkpoint_dir = args.out / "checkpoint"
-    if checkpoint_dir.exists():
-        raise SystemExit(f"{checkpoint_dir} exists; choose another --out or delete it")
+    checkpoint_dir = args.evaluate or args.out / "checkpoint"
+    if not args.evaluate and checkpoint_dir.exists():
+        raise SystemExit(f"{checkpoint_dir} exists; choose another --out or delete it (or pass --evaluate "
+                         f"{checkpoint_dir} to evaluate it)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     config = load_config(args.config)
     overrides = {k: v for k, v in (("num_layers", args.num_layers), ("hidden_size", args.hidden_size),
                                    ("num_attention_heads", args.num_attention_heads),
                                    ("inner_hidden_size", args.inner_hidden_size)) if v is not None}
+    args.overridden = bool(overrides)
     model_config = dataclasses.replace(config.model, **overrides)
     if tokenizer.num_tokens > model_config.vocab_size:
         raise SystemExit(f"tokenizer has {tokenizer.num_tokens} ids but vocab_size is {model_config.vocab_size}")
@@ -369,15 +445,10 @@ def main(argv=None) -> None:
                              else args.warmup_steps,
                              steps=args.steps, time_budget_s=None if args.steps else args.minutes * 60)
     torch.manual_seed(args.seed)
-    train_corpus, heldout = split_corpus(corpus, "train"), split_corpus(corpus, "heldout")
 
-    # Fixed held-out sets: [gMASK] windows tiling the held-out files (perplexity) and blank batches.
-    lm_samples = heldout_lm_samples(heldout, tokenizer, objective.sequence_length, args.eval_windows)
-    lm_batches = [pack_rows([[s] for s in lm_samples[i:i + args.batch_rows]], objective.sequence_length,
-                            tokenizer.eop_id) for i in range(0, len(lm_samples), args.batch_rows)]
-    blank_objective = dataclasses.replace(objective, gmask_fraction=0.0)
-    blank_batches = [make_batch(heldout, tokenizer, blank_objective, args.batch_rows, EVAL_SEED, i)
-                     for i in range(args.eval_blank_batches)]
+    # Fixed held-out [gMASK] windows tiling the held-out files (perplexity).
+    lm_samples, lm_batches = heldout_batches(split_corpus(corpus, "heldout"), tokenizer, objective.sequence_length,
+                                             args.batch_rows, args.eval_windows)
     # The baseline: an add-one unigram over every id text can produce (all but the image ids).
     unigram = unigram_log_probs({int(k): v for k, v in corpus["unigram_counts"].items()},
                                 range(NUM_IMAGE_TOKENS, tokenizer.num_tokens))
@@ -385,112 +456,13 @@ def main(argv=None) -> None:
     unigram_ppl = perplexity(unigram, heldout_tokens)
     print(f"held-out: {len(lm_samples)} [gMASK] windows, {len(heldout_tokens)} scored tokens; "
           f"unigram perplexity {unigram_ppl:.1f}")
-
-    model = GLM(model_config)
-    init_weights(model, args.seed)
-    model.to(device)
-    print(f"model {config.name}{' (overridden)' if overrides else ''}: {model_config.num_parameters():,} parameters; "
-          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
-    trained = torch.compile(model) if args.compile else model
-
-    def evaluate_fn() -> dict:
-        lm = evaluate(trained, lm_batches, device)
-        metrics = {"eval_loss": lm.loss, "heldout_perplexity": lm.perplexity,
-                   "ratio_to_unigram": lm.perplexity / unigram_ppl}
-        if blank_batches:
-            metrics["heldout_blank_loss"] = evaluate(trained, blank_batches, device).loss
-        return metrics
-
-    def on_record(record: dict) -> None:
-        if not ({"heldout_perplexity", "planned_steps"} & set(record) or record["step"] % 500 == 0):
-            return  # every record is in training_log.json; print evaluations and a heartbeat
-        parts = [f"step {record['step']:6d}"]
-        for key, fmt in (("train_loss", "{:.3f}"), ("lr", "{:.2e}"), ("tokens_per_s", "{:,.0f}"),
-                         ("heldout_perplexity", "{:.2f}"), ("ratio_to_unigram", "{:.3f}"),
-                         ("heldout_blank_loss", "{:.3f}"), ("planned_steps", "{}"), ("elapsed_s", "{:.0f}s")):
-            if key in record:
-                parts.append(f"{key} " + fmt.format(record[key]))
-        print("  ".join(parts), flush=True)
-
-    workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else
-                                                             max(1, min(8, (os.cpu_count() or 2) - 2)))
-    # Workers hand batches over through /dev/shm (the (b, 1, s, s) mask dominates); a small one (container
-    # default 64 MB) would kill them with a bus error, so build batches in this process instead.
-    in_flight = 2 * workers * 4 * args.batch_rows * objective.sequence_length * (objective.sequence_length + 40)
-    shm_free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
-    if workers and shm_free < in_flight:
-        print(f"/dev/shm has {shm_free / 1e6:.0f} MB free, workers need about {in_flight / 1e6:.0f} MB: "
-              f"building batches in the main process (slower)")
-        workers = 0
-    stream = BatchStream(train_corpus, args.tokenizer, objective, args.batch_rows, args.seed)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda",
-                                         prefetch_factor=4 if workers else None, persistent_workers=False)
-    started = time.perf_counter()
-    records = train(trained, iter(loader), settings, device, evaluate_fn, on_record)
-    train_seconds = time.perf_counter() - started
-    steps = max(r["step"] for r in records)
-    final = next(r for r in reversed(records) if "heldout_perplexity" in r)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_sharded(model, checkpoint_dir, iteration=steps)
-    size = sum(p.stat().st_size for p in checkpoint_dir.rglob("*") if p.is_file())
-
-    # Load the written shards back through the inference path and check they give the same perplexity.
-    kit = config.replace(model=model_config, checkpoint=checkpoint_dir.resolve(), tokenizer=args.tokenizer.resolve(),
-                         dtype="fp32", device=str(device))
-    reloaded = load_model(kit)
-    reloaded_ppl = evaluate(reloaded, lm_batches, device).perplexity
-    pipeline = GLMPipeline(reloaded, tokenizer, kit)
-    samples = []
-    for prompt in PROMPTS:
-        result = pipeline.generate(prompt, max_new_tokens=48, no_repeat_ngram_size=4)
-        samples.append({"prompt": prompt, "text": result.text, "finish_reason": result.finish_reason})
-    code = {"heldout_nats_per_char": nats_per_char(evaluate(reloaded, lm_batches, device), lm_samples, tokenizer)}
-    translation = score_translation(pipeline, corpus, args.eval_pairs) if "translation" in corpus else None
-    baseline = score_baseline(heldout, corpus, args, device) if args.baseline else None
-
-    result = {"heldout_perplexity": final["heldout_perplexity"], "unigram_perplexity": unigram_ppl,
-              "ratio": final["heldout_perplexity"] / unigram_ppl, "reloaded_fp16_perplexity": reloaded_ppl,
-              "heldout_scored_tokens": len(heldout_tokens), "steps": steps, "train_seconds": train_seconds,
-              "checkpoint_bytes": size, "tokenizer_bytes": tokenizer_file.stat().st_size, "samples": samples,
-              **code, "translation": translation, "baseline": baseline}
-    recipe = {"command": " ".join(sys.argv), "config_name": config.name, "model": dataclasses.asdict(model_config),
-              "objective": dataclasses.asdict(objective), "training": dataclasses.asdict(settings),
-              "batch_rows": args.batch_rows, "seed": args.seed, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "python": sys.version.split()[0], "corpus": stats,
-              "eval": {"windows": len(lm_samples), "blank_batches": args.eval_blank_batches, "eval_seed": EVAL_SEED},
-              "data_workers": workers, "tokenizer": str(args.tokenizer), "tokenizer_sha256": _sha256(tokenizer_file),
-              "reproduce": " ".join(sys.argv[1:]) + f" --steps {steps}  (bitwise only on CPU: CUDA kernels "
-                                                      f"such as the embedding backward are not deterministic)"}
-    log = {"recipe": recipe, "records": records, "result": result,
-           "unigram_counts": corpus["unigram_counts"]}  # --install writes docs/demo-model/unigram_counts.json
-    (args.out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
-    plot(log, args.out / "training_curve.png")
-
-    for sample in samples:
-        print(f"--- {sample['prompt']!r} ->\n{sample['text']}")
-    print(f"\nwrote {checkpoint_dir} ({size / 1e6:.1f} MB in {NUM_SHARDS} fp16 shards, iteration {steps}), "
-          f"{args.out / 'training_log.json'}, {args.out / 'training_curve.png'}")
-    print(f"trained {steps} steps in {train_seconds / 60:.1f} min on {recipe['device_name']}")
-    print(f"held-out perplexity: model {result['heldout_perplexity']:.2f} (reloaded fp16 shards "
-          f"{reloaded_ppl:.2f}), unigram {unigram_ppl:.2f}, ratio {result['ratio']:.3f} (target <= 0.333); "
-          f"{code['heldout_nats_per_char']:.4f} nats per character")
-    if translation:
-        print(f"held-out translation ({translation['count']} pairs, notebook 03's prompt, stop '\\n'): exact "
-              f"{translation['exact']:.1%}, any dictionary translation {translation['accepted']:.1%}; training "
-              f"pairs: exact {translation['memory']['exact']:.1%}")
-        for row in translation["rows"][:12]:
-            print(f"  {row['english']!r:24} -> {row['answer']!r:24} (dictionary: {row['german']!r})")
-        for demo in translation["without_stop"]:
-            print(f"  without stop: {demo['english']!r} -> {demo['completion']!r} ({demo['finish_reason']})")
-    if baseline:
-        found = baseline.get("translation")
-        print(f"shipped demo model: {baseline['heldout_perplexity']:.2f} token perplexity with its tokenizer, "
-              f"{baseline['heldout_nats_per_char']:.4f} nats per character"
-              + (f"; translation exact {found['exact']:.1%}, first answers {found['first_answers'][:3]}" if found else ""))
-
+    if args.evaluate:
+        run = printed_run(args, model_config)
+    else:
+        run = train_run(args, corpus, tokenizer, model_config, objective, settings, lm_batches, unigram_ppl,
+                        device, checkpoint_dir)
+    finish(args, run, corpus, stats, tokenizer, config, model_config, objective, settings, lm_samples, lm_batches,
+           heldout_tokens, unigram_ppl, device, checkpoint_dir)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""The shipped demo model is trained, not random: held-out perplexity far below a unigram's, and it writes Python."""
+"""The shipped demo model is trained, not random: held-out perplexity far below a unigram's, it writes Python,
+and with notebook 03's few-shot prompt it answers in German words that end at the stop sequence."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from glmkit.tokenizer import NUM_IMAGE_TOKENS
+from glmkit.widgets.templates import load_template
 from glmkit.lab.objective import Corpus, heldout_lm_samples, pack_rows
 from glmkit.lab.training import evaluate, perplexity, scored_tokens, unigram_log_probs
 
@@ -43,3 +45,23 @@ def test_mask_infilling_writes_python(pipeline):
     result = pipeline.generate("def [MASK](self, other):\n    return self.value + other.value", max_new_tokens=12)
     name = result.blanks[0].text.strip()
     assert name.isidentifier(), name
+
+
+def test_few_shot_translation_of_words_seen_paired(pipeline):
+    # FreeDict pairs the model was trained on (the stdlib-only model answered "Käse" and URLs here).
+    table = load_template("en-de-translation").run(pipeline, ["house", "water", "tree", "mother"], max_new_tokens=8)
+    assert list(table["answer"]) == ["Haus", "Wasser", "Baum", "Mutter"]
+    assert set(table["finish_reason"]) == {"stop"}
+
+
+def test_held_out_words_get_one_german_word_cut_by_the_stop(pipeline):
+    # Words never paired in training (docs/demo-model/training_log.json): mostly wrong, but answers in the
+    # pattern, a word of letters, and without the stop the model goes on with the next invented example.
+    words = ["according", "acid", "addition", "Alpine", "amount", "financial"]
+    template = load_template("en-de-translation")
+    table = template.run(pipeline, words, max_new_tokens=8)
+    assert all(answer.replace(" ", "").isalpha() for answer in table["answer"]), list(table["answer"])
+    assert set(table["finish_reason"]) == {"stop"}
+    assert "Alpin" in list(table["answer"]) and "finanziell" in list(table["answer"])  # the cognates
+    runaway = pipeline.generate(template.build_prompt("according"), max_new_tokens=12)
+    assert "\nEnglish:" in runaway.completion and runaway.finish_reason == "length"

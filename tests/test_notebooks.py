@@ -30,7 +30,7 @@ GPU_GUARD = "torch.cuda.is_available()"
 EXPECTED_OUTPUT = {
     "01-quickstart.ipynb": ["engines in one process group", "finish reason: abort", "streamed pieces"],
     "02-prompt-playground.ipynb": ["finish_reason", "max_new_tokens"],
-    "03-few-shot.ipynb": ["Translate English to German.", "good night", "stop sequences"],
+    "03-few-shot.ipynb": ["Translate English to German.", "Wasser", "stop sequences", "held-out pairs: exact"],
     "04-blank-infilling.ipynb": ["[gMASK] appended", "<sop>", "prompt mixes mask kinds", "malformed mask"],
     "05-tokenizer-quirks.ipynb": ["characters per token", "newline", "<0xF0>"],
     "06-checkpoints.ipynb": ["2 -> 1 shard(s)", "1 -> 4 shard(s)", "identical: True"],

@@ -287,7 +287,8 @@ def test_tools_display_and_close(fake):
 
 
 def test_playground_with_the_demo_model(pipeline):
-    pg = Playground(pipeline, prompt="Tsinghua University is in [MASK] <b>", max_new_tokens=4,
+    # min_new_tokens: the retrained model ends this blank after 3 tokens; the history must count all 4
+    pg = Playground(pipeline, prompt="Tsinghua University is in [MASK] <b>", max_new_tokens=4, min_new_tokens=4,
                     show_probabilities=True)
     pg.generate_button.click()
     assert pg.wait(30)
@@ -403,15 +404,17 @@ def test_fewshot_with_the_demo_model(pipeline):
 
 
 def test_fewshot_answers_start_after_the_models_leading_separators(pipeline):
-    # The demo model opens every answer after "Python:" with "\n\n", which is also the en-python stop: the
-    # stop must not fire on it, or every answer is empty (issue 16, defect 5).
+    # A model that opens its answer after "Python:" with "\n\n" (the stdlib-only demo model did) would hit
+    # the en-python stop at once: the stop must not fire on leading whitespace, or every answer is empty
+    # (issue 16, defect 5). The retrained model opens with a space or two; the scripted test below opens
+    # with "\n\n". Here: the real model's answers are what follows its leading whitespace, cut at the stop.
     template = load_template("en-python")
     assert "\n\n" in template.stop_sequences()
     table = template.run(pipeline, ["reverse a list", "the sum of a list of numbers"], max_new_tokens=32)
     assert all(table["answer"].str.strip().str.len() > 0), table[["answer", "completion", "finish_reason"]]
     for row in table.itertuples():
         body = row.completion.lstrip()
-        assert row.completion.startswith("\n")  # the model did open with the separator
+        assert row.completion[:1].isspace()  # the model did open with whitespace
         assert row.answer == body.strip() and "\n\n" not in body  # cut at the first blank line after it
         assert row.finish_reason in ("stop", "length")
     assert "stop" in set(table["finish_reason"])

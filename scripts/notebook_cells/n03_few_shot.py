@@ -11,7 +11,14 @@ Show the model a few examples of a task and it continues the pattern for a new i
 prompt left to right (`[gMASK]` is appended), so it does not know the answer is over: a trained model writes
 its answer and then **goes on inventing** new examples. *Stop sequences* end the answer where the next
 example would begin. glmkit's few-shot templates build the prompt and derive the stop sequences for you.
-Change only the next cell to use a GPU node."""),
+Change only the next cell to use a GPU node.
+
+**What the demo model can do here.** `glm-tiny` (7.9 M parameters) was trained on the Python standard library
+plus 60,000 English → German word pairs from Debian's FreeDict dictionary, written in this notebook's
+`English: … German: …` layout (`docs/demo-model.md`). It has learnt the *pattern*: it answers with one German
+word and a newline, so the stop sequences have real work to do. It has learnt few *translations*: some
+common words it was shown (`house` → `Haus`), very few words it was never shown — 0.7 % of 300 held-out
+words exactly, 2.7 % with any translation the dictionary gives. GLM-130B is the model for real answers."""),
     config("""\
 CONFIG = "glm-tiny"; ENGINES = 2  # on a GPU node: CONFIG = "glm-130b"; ENGINES = None (one engine per GPU)"""),
     code(START_CLUSTER),
@@ -28,7 +35,7 @@ import pandas as pd
 from glmkit.widgets import FewShot, load_template
 
 translate = load_template("en-de-translation")
-prompt = translate.build_prompt("good night")
+prompt = translate.build_prompt("water")
 print(prompt)
 print(f"-- {len(cluster.tokenizer.encode(prompt))} tokens; stop sequences: {translate.stop_sequences()}")"""),
     md("""\
@@ -39,10 +46,9 @@ not part of the answer.
 ## With and without stop sequences
 
 The same greedy call twice. Without stops, generation only ends at `max_new_tokens` (or when the model writes
-its end token): a trained model answers, then carries on with a newline and more lines in the pattern of
-the examples (`English: …`, `German: …`). With the stops the answer ends at the first newline, and `finish_reason` is `stop`
-whenever a stop sequence cut it. (Should the demo model write no newline at all, both runs end at `length`
-with the same text.)"""),
+its end token): the demo model answers `Wasser`, then carries on with a newline and an example it invents
+(`English: …`, `German: …`) until the token limit. With the stops the answer ends at the first newline, and
+`finish_reason` is `stop`."""),
     code("""\
 runaway = cluster.generate(prompt, max_new_tokens=12)
 stopped = cluster.generate(prompt, max_new_tokens=12, stop=translate.stop_sequences())
@@ -55,11 +61,34 @@ pd.DataFrame({"stop sequences": ["none", repr(translate.stop_sequences())],
 
 `FewShotTemplate.run(backend, queries)` answers each query in turn (with the derived stops unless
 `use_stops=False`) and returns a DataFrame: the query, the answer (the completion without surrounding
-whitespace), the raw completion, why it ended, tokens, seconds and the prompt."""),
+whitespace), the raw completion, why it ended, tokens, seconds and the prompt.
+
+First words the demo model saw paired in training. It gets four of these six right (`Haus`, `Wasser`,
+`Baum`, `Mutter`) and answers the others with a wrong German word (`dog` → `Decken`): it remembered only
+some of the 60,000 pairs (5.3 % of a sample of 300 training pairs exactly)."""),
     code("""\
-queries = ["the cat", "good night", "a glass of water"]
+queries = ["house", "water", "tree", "mother", "dog", "the cat"]
 answers = translate.run(cluster, queries, max_new_tokens=8)
 answers[["query", "answer", "finish_reason", "tokens", "seconds"]]"""),
+    md("""\
+Now **held-out** words: the 300 pairs kept out of training, listed with the demo model's scores in
+`docs/demo-model/training_log.json`; here every 30th of them, not a chosen few. The answers are German
+words, cut by the stop, but almost never the right ones: the model cannot know a translation it never saw,
+except for a few look-alikes the held-out scoring found (`Alpine` → `Alpin`, `financial` → `finanziell`).
+With GLM-130B (`CONFIG = "glm-130b"`) the same cell scores a real model."""),
+    code("""\
+import json
+
+from glmkit.config import REPO_ROOT
+
+scored = json.loads((REPO_ROOT / "docs" / "demo-model" / "training_log.json").read_text())["result"]["translation"]
+heldout = scored["rows"][::30]
+table = translate.run(cluster, [row["english"] for row in heldout], max_new_tokens=8)
+table["dictionary"] = [row["german"] for row in heldout]
+table["correct"] = [answer in row["translations"] for answer, row in zip(table["answer"], heldout)]
+print(f"demo model on all {scored['count']} held-out pairs: exact {scored['exact']:.1%}, "
+      f"any dictionary translation {scored['accepted']:.1%}; here {table['correct'].sum()} of {len(table)} correct")
+table[["query", "answer", "dictionary", "correct", "finish_reason"]]"""),
     code("""\
 without_stops = translate.run(cluster, queries, use_stops=False, max_new_tokens=8)
 pd.DataFrame({"query": queries, "with stops": answers["completion"],
@@ -69,9 +98,13 @@ pd.DataFrame({"query": queries, "with stops": answers["completion"],
 
 Code answers span several lines, so a newline cannot end them. The `en-python` template puts a blank line
 between examples; its derived stops are `"\\n\\nEnglish:"`, `"\\nEnglish:"` and `"\\n\\n"` — never a single
-newline. A model often opens its answer with the separator itself (the demo model writes `"\\n\\n"` after
-`Python:`): the template starts the answer after such leading whitespace, so a whitespace-only stop such as
-`"\\n\\n"` ends the code, not the empty start (`completion` keeps the raw text, `answer` the code)."""),
+newline. A model often opens its answer with whitespace or the separator itself: the template starts the
+answer after such leading whitespace, so a whitespace-only stop such as `"\\n\\n"` ends the code, not the
+empty start (`completion` keeps the raw text, `answer` the rest).
+
+The demo model does **not** write code here: trained on one-word translations in the `English: …` layout,
+it answers this prompt with one word (`reverse a list` → `Variance`, cut by the `"\\n\\n"` stop) or with
+junk that runs to the token limit (`nullull…`). The template works; the model is too small for the task."""),
     code("""\
 to_python = load_template("en-python")
 print(to_python.build_prompt("reverse a list"))
@@ -87,7 +120,7 @@ prefixes, separators and examples, and see the exact prompt with its invisible c
 `·` trailing space), its tokens and the stop sequences update as you type. Put one query per line and press
 **Run**: the answers fill a table, row by row. **Save** writes the template as YAML."""),
     code("""\
-fewshot = FewShot(cluster, "en-de-translation", queries=["the cat", "good night"], max_new_tokens=8)
+fewshot = FewShot(cluster, "en-de-translation", queries=["house", "according"], max_new_tokens=8)
 fewshot"""),
     md("""\
 `run()` is the Run button; `results` is the table as a DataFrame once the run is over."""),

@@ -19,9 +19,10 @@ text:
 The demo model fits in this kernel, so this notebook runs it in-process with `glmkit.load()`; the cluster
 has the same `generate()`. On a GPU node, change only the next cell.
 
-The demo model was trained on Python's standard library with exactly these masks, so it fills code blanks
-sensibly: `import os\nimport [MASK]` → `import sys`, `Return True if the [MASK] is empty, False otherwise.`
-→ `iterator`."""),
+The demo model was trained on Python's standard library (and English → German word pairs) with exactly
+these masks, so it fills code blanks sensibly: `import os\nimport [MASK]` → `import sys`,
+`def [MASK](self, other): return self.value + other.value` → `def _get_value(self, other)`. Prose is weaker:
+`Return True if the [MASK] is empty, False otherwise.` → `second`."""),
     config("""\
 CONFIG = "glm-tiny"; CLUSTER = False; ENGINES = 2
 # on a GPU node: CONFIG = "glm-130b"; CLUSTER = True; ENGINES = None (one engine per GPU)"""),
