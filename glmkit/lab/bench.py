@@ -30,6 +30,7 @@ import torch
 
 from ..config import DTYPES, PRESETS, GLMConfig, check_precision, load_config
 from ..generate.graphs import DecodeStep
+from ..generate.budget import kv_cache_bytes
 from ..generate.tokens import Generator, prefill_inputs
 from ..model import GLM
 from .random_model import build_random_model, random_contexts, weight_bytes
@@ -252,13 +253,6 @@ def measure_batch(generator: Generator, batch: int, options: BenchOptions, clock
             "cache_length": cache.max_length, "peak_gpu_bytes": peak_bytes(device), "greedy_tokens": tokens}
 
 
-def kv_bytes_per_token(model: GLM) -> int:
-    """KV-cache bytes one token of context takes on this rank (all layers, keys and values)."""
-    weight = model.transformer.word_embeddings.weight
-    heads = model.transformer.layers[0].attention.local_heads
-    return 2 * len(model.transformer.layers) * heads * model.config.head_dim * weight.element_size()
-
-
 def prefill_flops(model: GLM, batch: int, length: int) -> float:
     """Model FLOPs of one prefill on this rank: linear layers 2 x weights per token, attention 4 x s x s x h."""
     config = model.config
@@ -380,7 +374,7 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
             record["collective_share"] = record["collective_ms"] / record["step_ms"]
         records.append(record)
     base = next((r for r in records if r["batch"] == 1), None)
-    per_token_kv = kv_bytes_per_token(model)
+    per_token_kv = kv_cache_bytes(model, 1, 1)
     for record in records:
         record["throughput_vs_batch1"] = record["tokens_per_s"] / base["tokens_per_s"] if base else None
         record["floor_fraction"] = floor_ms / record["ms_per_token"]
@@ -396,10 +390,8 @@ def bench_process(options: BenchOptions, rank: int = 0, world_size: int = 1, gro
     # Memory left for context at batch 1, after the weights and a batch-1 decode's workspace.
     generator.steps.clear()
     free_cached(device)
-    one = DecodeStep(model, 1, 1, use_graphs=False).cache
-    element = one.keys.element_size()
-    kv_per_token = (one.keys.numel() + one.values.numel()) * element
-    del one
+    element = model.transformer.word_embeddings.weight.element_size()  # the activation (and cache) dtype
+    kv_per_token = kv_cache_bytes(model, 1, 1)
     memory = memory_info(device)
     workspace = 0
     if base is not None and clock.cuda:
