@@ -123,12 +123,15 @@ def plan_prompt(tokenizer, prompt: str, max_sequence_length: int) -> PromptPlan:
     return PromptPlan(prompt, tuple(tokens), mask_name, appended)
 
 
-def check_call(prompts, on_text=None, should_abort=None) -> list[str]:
-    """The batch of a generate call's `prompts`, its callbacks checked; TypeError/ValueError naming them."""
-    # One place for the checks both GLMPipeline.generate and GLMCluster.generate need before any compute.
+def check_callbacks(on_text=None, should_abort=None) -> None:
+    """TypeError naming a generate call's callback that is not callable (GLMPipeline and GLMCluster alike)."""
     for name, callback in (("on_text", on_text), ("should_abort", should_abort)):
         if callback is not None and not callable(callback):
             raise TypeError(f"{name} must be a function (or None), got {type(callback).__name__}")
+
+
+def check_prompts(prompts) -> list[str]:
+    """The batch of a generate call's `prompts` (a string or a list of them); TypeError/ValueError naming them."""
     if isinstance(prompts, str):
         return [prompts]
     if not isinstance(prompts, (list, tuple)):

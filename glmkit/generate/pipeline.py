@@ -11,7 +11,7 @@ from ..config import KitConfig, load_config
 from ..model import GLM
 from ..quantization import convert_for_runtime
 from ..tokenizer import GLMTokenizer
-from .blanks import GenerationResult, TextEvent, check_call
+from .blanks import GenerationResult, TextEvent, check_callbacks
 from .request import Channel, GenerateRequest
 from .tokens import Generator
 
@@ -88,7 +88,7 @@ class GLMPipeline:
                  **kwargs) -> GenerationResult | list[GenerationResult]:
         """Fill the blanks of a prompt (or a list of prompts); keyword names follow HF `generate()`."""
         request = prompts if isinstance(prompts, GenerateRequest) else self.request(prompts, **kwargs)
-        check_call(request.prompts, on_text, should_abort)  # the callbacks, as GLMCluster.generate checks them
+        check_callbacks(on_text, should_abort)  # as GLMCluster.generate checks them
         results = self.run(request, Channel(on_text, should_abort))
         return results[0] if request.single else results
 

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
 
-from .blanks import PromptPlan, check_call, fill_blanks, plan_prompt
+from .blanks import PromptPlan, check_prompts, fill_blanks, plan_prompt
 from .sampling import GenerationSettings
 
 
@@ -49,7 +49,7 @@ class GenerateRequest:
     @classmethod
     def build(cls, tokenizer, max_sequence_length: int, prompts: str | list[str], **kwargs) -> "GenerateRequest":
         """Validate a generate() call (prompts and keyword settings) before any compute; errors name the parameter."""
-        batch = check_call(prompts)
+        batch = check_prompts(prompts)
         settings = GenerationSettings.from_kwargs(**kwargs)
         if settings.seed is None and not settings.greedy:
             # Every tensor-parallel rank must draw the same samples, so an unseeded call gets one seed here.

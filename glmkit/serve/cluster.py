@@ -31,7 +31,7 @@ from ipyparallel.cluster import launcher as ipp_launcher
 
 from . import engine, watchdog
 from ..config import KitConfig, load_config
-from ..generate.blanks import GenerationResult, TextEvent, check_call
+from ..generate.blanks import GenerationResult, TextEvent, check_callbacks
 from ..generate.request import GenerateRequest
 from ..tokenizer import GLMTokenizer
 
@@ -226,7 +226,8 @@ class GLMCluster:
         if self._client is None:
             self.start()
         self._tokenizer = GLMTokenizer.load(self.config.tokenizer)  # notebook-side, for prompt checks
-        with self._engines_vanished(), tqdm(total=self.world_size, desc=f"loading {self.config.name} shards", unit="shard") as bar:
+        progress = tqdm(total=self.world_size, desc=f"loading {self.config.name} shards", unit="shard")
+        with self._engines_vanished(), progress as bar:
             self.load_results = self.call(weights or engine.LoadRequest(self.config), timeout=self.call_timeout,
                                           on_progress=lambda done: bar.update(done - bar.n))
         return self.status()
@@ -308,14 +309,14 @@ class GLMCluster:
                  **kwargs) -> GenerationResult | list[GenerationResult]:
         """Fill blanks on all engines in lockstep (same keywords as GLMPipeline.generate); rank 0's result."""
         request = prompts if isinstance(prompts, GenerateRequest) else self.request(prompts, **kwargs)
-        check_call(request.prompts, on_text, should_abort)  # the callbacks, as GLMPipeline.generate checks them
+        check_callbacks(on_text, should_abort)  # as GLMPipeline.generate checks them
         results = self.call(request, on_event=on_text, should_abort=should_abort, timeout=timeout)
         return results[0] if request.single else results
 
     def stream(self, prompts: str | list[str], *, should_abort: Callable[[], bool] | None = None,
                timeout: float | None = None, **kwargs) -> Iterator[TextEvent]:
         """Yield TextEvents as engines generate; the results are in `last_results` afterwards."""
-        check_call(prompts, None, should_abort)
+        check_callbacks(None, should_abort)
         request = self.request(prompts, **kwargs)
         holder: dict = {}
         with self._lock:
