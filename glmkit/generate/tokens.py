@@ -192,11 +192,15 @@ class Generator:
         step, logits, pads = self.prefill(contexts, max_new)
         generators = _make_generators(settings, self.device, len(contexts), blank)
         outputs = [TokenOutput(logprobs=[] if settings.wants_logprobs else None) for _ in contexts]
+        histories = [list(c.tokens) for c in contexts]  # context + output per row, grown as tokens come
         active = list(range(len(contexts)))
+
+        def queue_step(chosen: torch.Tensor, t: int) -> torch.Tensor:  # step t + 1 on the device's tokens
+            return step(chosen[:, None], next_positions(contexts, t + 1)[:, None], length + t, pads)
+
         for t in range(max_new):
             logits = logits[:, :num_ids]
-            history = [list(c.tokens) + o.tokens for c, o in zip(contexts, outputs)]
-            scores = processed_logits(logits, history, [o.tokens for o in outputs], t, settings, end_tokens, banned)
+            scores = processed_logits(logits, histories, [o.tokens for o in outputs], t, settings, end_tokens, banned)
             chosen = choose_next(scores, settings, generators)  # (b,) on the device
             # Read what this step's logits give before the next step overwrites its graph's output buffer.
             raw_log_probs = logits.float().log_softmax(dim=-1) if settings.wants_logprobs else None
@@ -204,7 +208,7 @@ class Generator:
             last = t == max_new - 1
             queued = None
             if self.lookahead and not last:
-                queued = step(chosen[:, None], next_positions(contexts, t + 1)[:, None], length + t, pads)
+                queued = queue_step(chosen, t)
             still_active = []
             chosen_ids = tokens.tolist()
             for index in active:
@@ -217,6 +221,7 @@ class Generator:
                     record = _logprob_record(raw_log_probs[index], token, settings.top_logprobs)
                     output.logprobs.append(record)
                 output.tokens.append(token)
+                histories[index].append(token)
                 if on_token is not None:
                     on_token(index, token, record)
                 if stop is not None and stop(index, output.tokens):
@@ -230,9 +235,7 @@ class Generator:
             active = still_active
             if not active or aborted or last:
                 break
-            if queued is None:
-                queued = step(chosen[:, None], next_positions(contexts, t + 1)[:, None], length + t, pads)
-            logits = queued
+            logits = queued if queued is not None else queue_step(chosen, t)
         return outputs
 
     def _beam_search(self, context: Context, settings: GenerationSettings, end_tokens: tuple[int, ...],
