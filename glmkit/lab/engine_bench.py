@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config import DTYPES, GLMConfig
+from ..config import DTYPES, GLMConfig, KitConfig
 from ..generate.pipeline import GLMPipeline
 from ..tokenizer import GLMTokenizer
 from .random_model import build_random_model, weight_bytes
@@ -104,7 +104,6 @@ def run_engine_bench(config: GLMConfig, *, engines: int, dtype: str = "fp16", de
                      new_tokens: int = 64, short_tokens: int = 8, repeats: int = 3, seed: int = 0,
                      copy_bytes: int | None = None, pipeline: bool = True) -> dict:
     """Time generate() through GLMCluster (and GLMPipeline at one engine's size) on the same random weights."""
-    from ..config import KitConfig
     from ..serve.cluster import GLMCluster
 
     if not 1 <= short_tokens < new_tokens:
@@ -117,11 +116,9 @@ def run_engine_bench(config: GLMConfig, *, engines: int, dtype: str = "fp16", de
     request = RandomWeightsRequest(config, dtype, tokenizer, quantization, seed, copy_bytes)
     kit = KitConfig(name="random", model=config, tokenizer=tokenizer, dtype=dtype, device=device,
                     quantization=quantization)
-    cluster = GLMCluster(n=engines, device=device)
+    cluster = GLMCluster(config=kit, n=engines)  # the engines' devices follow the config (one GPU each)
     try:
-        cluster.config = kit  # the engines' devices follow it (one GPU each)
-        cluster.start()
-        cluster.load(kit, weights=request)  # random weights instead of a checkpoint
+        cluster.load(kit, weights=request)  # starts the engines; random weights instead of a checkpoint
         ranks = cluster.load_results
         floor_ms = ranks[0]["weight_bytes"] / (ranks[0]["copy_bandwidth_gbs"] * 1e6)
         through_cluster = time_calls(cluster, prompt, short_tokens, new_tokens, repeats, floor_ms)
