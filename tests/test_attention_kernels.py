@@ -67,9 +67,39 @@ def _generation_case() -> dict:
     return {"generation": texts}
 
 
+def _split_case(dtype: torch.dtype, generator: torch.Generator) -> dict:
+    # The cache cut into ranges (flash-decoding) against one program per (sequence, head), and against eager.
+    from glmkit.kernels.attention import decode_attention
+    from glmkit.model import attention_probabilities, rotary_tables, apply_rotary
+
+    b, heads, hd, length, slot, coeff = 2, 3, CONFIG.head_dim, 300, 257, 2.0
+    qkv = torch.randn(b, 1, heads, 3, hd, generator=generator).to(dtype)
+    keys = torch.randn(b, heads, length, hd, generator=generator).to(dtype)
+    values = torch.randn(b, heads, length, hd, generator=generator).to(dtype)
+    cos, sin = rotary_tables(torch.tensor([[slot], [40]]), hd, CONFIG.rotary_base, dtype)
+    pads = torch.tensor([0, 9])
+    positions = torch.arange(length)
+    allowed = ((positions >= pads[:, None]) & (positions <= slot))[:, None, None]
+    outputs, caches = {}, {}
+    for splits in (1, 3):
+        k, v = keys.clone(), values.clone()
+        outputs[splits] = decode_attention(qkv, cos, sin, k, v, torch.tensor([slot]), allowed, coeff, splits=splits)
+        caches[splits] = (k, v)
+    # Eager reference on the cache the kernel wrote (the step's k and v at `slot`).
+    k, v = caches[1]
+    q = apply_rotary(qkv[:, :, :, 0], cos, sin).transpose(1, 2)  # (b, heads, 1, hd)
+    probs = attention_probabilities(q, k, allowed, layer_id=int(coeff) - 1)
+    eager = torch.matmul(probs, v).transpose(1, 2).reshape(b, 1, heads * hd)
+    scale = eager.double().abs().max().item()
+    return {"dtype": str(dtype), "split_vs_single": (outputs[3].double() - outputs[1].double()).abs().max().item(),
+            "split_vs_eager": (outputs[3].double() - eager.double()).abs().max().item(), "scale": scale,
+            "caches_equal": all(torch.equal(a, b_) for a, b_ in zip(caches[1], caches[3]))}
+
+
 def _run_cases() -> list[dict]:
     generator = torch.Generator().manual_seed(11)
-    return [_attention_case(dtype, generator) for dtype in (torch.float32, torch.float16)] + [_generation_case()]
+    return ([_attention_case(dtype, generator) for dtype in (torch.float32, torch.float16)] + [_generation_case()]
+            + [_split_case(dtype, generator) for dtype in (torch.float32, torch.float16)])
 
 
 def test_kernel_matches_eager_attention_and_writes_the_same_cache(interpreted):
@@ -84,6 +114,15 @@ def test_greedy_decoding_is_the_same_with_the_kernel(interpreted):
     texts = interpreted[2]["generation"]
     assert texts["kernel"] == texts["eager"]
     assert all(text.strip() for text in texts["kernel"])  # the demo model wrote something
+
+
+def test_split_cache_ranges_match_one_program_and_eager(interpreted):
+    for case in interpreted[3:5]:
+        assert case["caches_equal"], case
+        # Only the order of fp32 sums differs from one program; fp16 adds one rounding of the output.
+        tolerance = 1e-5 if case["dtype"] == "torch.float32" else 4e-3 * max(1.0, case["scale"])
+        assert case["split_vs_single"] <= tolerance, case
+        assert case["split_vs_eager"] <= tolerance, case
 
 
 def test_bad_shapes_are_clear_errors():

@@ -63,6 +63,28 @@ def test_decode_step_logits_with_kernels_track_eager_ops():
     assert torch.equal(fused.argmax(-1), eager.argmax(-1))
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+def test_decode_attention_over_split_cache_ranges_matches_one_program(batch):
+    # GLM-130B's head count and head dim at a 2,000-position cache, the long-context case the split serves.
+    from glmkit.kernels.attention import choose_splits, decode_attention
+    from glmkit.model import rotary_tables
+
+    heads, hd, length, slot = 96, 128, 2048, 1990
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    qkv = torch.randn(batch, 1, heads, 3, hd, device="cuda", generator=generator).half()
+    keys = torch.randn(batch, heads, length, hd, device="cuda", generator=generator).half()
+    values = torch.randn_like(keys)
+    cos, sin = rotary_tables(torch.full((batch, 1), slot, device="cuda"), hd, 10000.0, torch.float16)
+    allowed = (torch.arange(length, device="cuda") <= slot).expand(batch, 1, 1, length)
+    if batch == 1:
+        assert choose_splits(batch * heads, length, qkv.device) > 1  # the automatic choice splits here
+    single = decode_attention(qkv, cos, sin, keys.clone(), values.clone(), torch.tensor([slot], device="cuda"),
+                              allowed, 7.0, splits=1).float()
+    split = decode_attention(qkv, cos, sin, keys, values, torch.tensor([slot], device="cuda"), allowed, 7.0,
+                             splits=None if batch == 1 else 4).float()
+    assert (split - single).abs().max().item() <= 2e-3 * single.abs().max().item()
+
+
 def test_lookahead_decoding_gives_the_tokens_of_step_by_step_decoding():
     model = _random_glm()
     contexts = [Context(tuple(range(10, 60)), None), Context(tuple(range(70, 80)), 5)]
