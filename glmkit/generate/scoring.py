@@ -297,14 +297,25 @@ def batch_inputs(items: tuple[ScoreItem, ...], rows: list[Row], device) -> dict:
         at[r, :len(row_at)] = torch.tensor(row_at)
         targets[r, :len(row_targets)] = torch.tensor(row_targets)
         shared_ends[r] = pad + item.bidirectional
-    query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    device = torch.device(device)
+    ids, positions, blocks, at, targets, shared_ends = (_to_device(t, device) for t in
+                                                        (ids, positions, blocks, at, targets, shared_ends))
+    # The (b, L, L) mask is made where the model runs: only the (b, L) block ids travel.
+    query = torch.arange(length, device=device)[:, None]
+    key = torch.arange(length, device=device)[None, :]
     key_block, query_block = blocks[:, None, :], blocks[:, :, None]  # (b, 1, L), (b, L, 1)
     # A key is visible in the context's bidirectional part, or causally within the context and the query's
     # own block: a choice sees the context and itself, never another choice.
     causal = (key <= query) & ((key_block == 0) | (key_block == query_block))
     allowed = (key_block >= 0) & ((key < shared_ends[:, None, None]) | causal)  # (b, L, L)
-    return {"ids": ids.to(device), "positions": positions.to(device), "allowed": allowed[:, None].to(device),
-            "at": at.to(device), "targets": targets.to(device)}
+    return {"ids": ids, "positions": positions, "allowed": allowed[:, None], "at": at, "targets": targets}
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return tensor.to(device)
+    # From pinned memory the copy is queued behind the pass still running instead of waiting for it.
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, num_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,8 +392,7 @@ class ScoreRequest:
     def run(self, shard, channel):
         """The ContinuationScores in the caller's form; every rank runs the same passes (TP collectives)."""
         model, device = shard.generator.model, shard.generator.device
-        scores: dict[tuple[int, int], ContinuationScore] = {}
-        batches = self.batches
+        batches, outputs = self.batches, []
         for number, rows in enumerate(batches):
             if channel.should_abort():  # every rank of a cluster reads rank 0's verdict here
                 raise RuntimeError(f"scoring stopped after {number} of {len(batches)} forward passes: a stop "
@@ -390,8 +400,12 @@ class ScoreRequest:
             inputs = batch_inputs(self.items, rows, device)
             logits = model(inputs["ids"], inputs["positions"], inputs["allowed"], logits_at=inputs["at"])  # (b, k, V)
             values, best = target_logprobs(logits.flatten(0, 1), inputs["targets"].flatten(), self.num_ids)
-            width = inputs["targets"].shape[1]
-            values, best = values.view(-1, width).tolist(), best.view(-1, width).tolist()
+            # Read on the host after the last pass, so the host prepares pass i + 1 while the device runs pass i.
+            outputs.append((rows, values.view(len(rows), -1), best.view(len(rows), -1)))
+            del logits
+        scores: dict[tuple[int, int], ContinuationScore] = {}
+        for rows, values, best in outputs:
+            values, best = values.tolist(), best.tolist()
             for r, row in enumerate(rows):
                 item, offset = self.items[row.item], 0
                 for j in row.choices:
