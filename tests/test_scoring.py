@@ -142,7 +142,7 @@ def test_forms_of_the_result(pipeline):
     assert isinstance(choices, list) and len(choices) == 2
     _close(choices[0], one)
     mixed = pipeline.score(["a", "x"], ["b", ("c", "d")])
-    assert isinstance(mixed[0], ContinuationScore) and [len(mixed[1])] == [2]
+    assert isinstance(mixed[0], ContinuationScore) and len(mixed[1]) == 2
     _close(mixed[0], one)
     _close(mixed[1][0], pipeline.score("x", "c"))
 
@@ -360,3 +360,10 @@ def test_score_bench_runs_on_cpu_and_prints_sane_numbers(tmp_path):
         assert r[key] > 0, key
     assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["call_ms"] / 1e3))
     assert r["matmul_fraction"] == pytest.approx(r["model_tflops"] / r["matmul_tflops"])
+
+
+def test_score_bench_refuses_bad_options_in_one_line(capsys):
+    assert main(["bench", "--score", "--tp", "2", "--device", "cpu"]) == 2
+    assert "--score runs on one device" in capsys.readouterr().err
+    assert main(["bench", "--config", "glm-tiny", "--score", "--choices", "0", "--device", "cpu"]) == 2
+    assert "choices must be a positive integer" in capsys.readouterr().err
