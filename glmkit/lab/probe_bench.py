@@ -36,7 +36,8 @@ PROBE_KEYS = {
     "seconds": "wall time of the whole run",
 }
 CALL_KEYS = {"wall_s": "median wall seconds of the call", "result_bytes": "pickled size of the result shipped",
-             "collective_bytes": "bytes each rank sent to the others (0 in one process)"}
+             "collective_bytes": "bytes each rank's probe collectives sent, the model's own all-reduces aside "
+             "(0 in one process)"}
 
 
 def corrupted_prompt(tokenizer: GLMTokenizer, prompt: str) -> str:
@@ -75,7 +76,8 @@ def probe_calls(backend, prompt: str, corrupted: str, top_k: int, patch_position
 
 
 def run_probe_bench(config: GLMConfig, *, engines: int, dtype: str = "fp16", device: str = "cuda",
-                    quantization: str | None = None, tokenizer: Path | None = None, prompt_tokens: int = 128, patch_positions: int = 32,
+                    quantization: str | None = None, tokenizer: Path | None = None, prompt_tokens: int = 128,
+                    patch_positions: int = 32,
                     top_k: int = 10, repeats: int = 3, seed: int = 0, pipeline: bool = True) -> dict:
     """Time the logit lens and a patching sweep through GLMCluster (and GLMPipeline) on the same random weights."""
     from ..serve.cluster import GLMCluster
@@ -103,7 +105,8 @@ def run_probe_bench(config: GLMConfig, *, engines: int, dtype: str = "fp16", dev
         model = build_random_model(config, DTYPES[dtype], target, quantization=quantization, seed=seed)
         in_process = probe_calls(GLMPipeline(model, tok), prompt, corrupted, top_k, patch_positions, repeats)
         del model
-    return {"config": dataclasses.asdict(config), "dtype": dtype, "quantization": quantization, "engines": engines, "device": name,
+    return {"config": dataclasses.asdict(config), "dtype": dtype, "quantization": quantization, "engines": engines,
+            "device": name,
             "prompt_tokens": length, "lens_cells": config.num_layers * length, "top_k": top_k,
             "patch_runs": config.num_layers * patch_positions, "repeats": repeats, "cluster": through_cluster,
             "pipeline": in_process, "seconds": time.perf_counter() - started}
