@@ -206,7 +206,8 @@ def test_patching_moves_the_corrupted_prediction_towards_the_clean_one(pipeline)
     clean_lp = sweep["clean_logprob"].iloc[0]
     corrupted_lp = sweep["corrupted_logprob"].iloc[0]
     assert abs(clean_lp - model_probs(pipeline, first_context(pipeline, clean))[-1, target].log().item()) <= 1e-5
-    assert abs(corrupted_lp - model_probs(pipeline, first_context(pipeline, corrupted))[-1, target].log().item()) <= 1e-5
+    corrupted_probs = model_probs(pipeline, first_context(pipeline, corrupted))
+    assert abs(corrupted_lp - corrupted_probs[-1, target].log().item()) <= 1e-5
     assert clean_lp - corrupted_lp > 0.1  # the corruption matters
     by_point = sweep.set_index(["site", "layer", "position"])
     n = len(first_context(pipeline, clean).tokens)
@@ -312,7 +313,8 @@ def test_cluster_patching_equals_one_process_and_self_patching_is_exact(cluster,
     clean, corrupted = FEW_SHOT, FEW_SHOT.replace("house", "mouse")
     target = int(model_probs(pipeline, first_context(pipeline, clean))[-1].argmax())
     kwargs = dict(sites=list(PATCHABLE), layers=[0, 7], positions=[-1, -2, 5])
-    remote, local = cluster.patch(clean, corrupted, target, **kwargs), pipeline.patch(clean, corrupted, target, **kwargs)
+    remote = cluster.patch(clean, corrupted, target, **kwargs)
+    local = pipeline.patch(clean, corrupted, target, **kwargs)
     labels = ["site", "layer", "position", "input_token"]
     assert remote[labels].equals(local[labels])
     assert (remote["patched_logprob"] - local["patched_logprob"]).abs().max() <= 1e-5
@@ -350,9 +352,10 @@ def _lens_rank(rank: int, port: int, out_dir: str) -> None:
             config = GLMConfig(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=128,
                                vocab_size=vocab, max_sequence_length=64)
             request = LensRequest.build(tokenizer, config, "x = [MASK] + y", top_k=5, target=20004)
-            shard = SimpleNamespace(rank=rank, world_size=2, group=groups.data, tokenizer=tokenizer, generator=Generator(
-                build_random_model(config, torch.float32, "cpu", rank=rank, world_size=2, group=groups.data, seed=3),
-                use_graphs=False))
+            model = build_random_model(config, torch.float32, "cpu", rank=rank, world_size=2, group=groups.data, seed=3)
+            # What an engine's ShardWorker offers a request: its place in the group, tokenizer and generator.
+            shard = SimpleNamespace(rank=rank, world_size=2, group=groups.data, tokenizer=tokenizer,
+                                    generator=Generator(model, use_graphs=False))
             lens = request.run(shard, Channel())
             if rank == 0:
                 whole = SimpleNamespace(rank=0, world_size=1, group=None, tokenizer=tokenizer, generator=Generator(
