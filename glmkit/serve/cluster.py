@@ -18,7 +18,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -34,6 +34,7 @@ from ..config import KitConfig, load_config
 from ..generate.blanks import GenerationResult, TextEvent, check_callbacks
 from ..generate.request import GenerateRequest
 from ..generate.scoring import ScoreRequest
+from ..inspect.calls import ProbeCalls
 from ..tokenizer import GLMTokenizer
 
 POLL_S = 0.05
@@ -63,7 +64,7 @@ def _seconds(name: str, value, hint: str = "") -> float:
     return float(value)
 
 
-class GLMCluster:
+class GLMCluster(ProbeCalls):
     """One ipyparallel engine per GPU (or N CPU engines), each keeping its tensor-parallel shard loaded."""
 
     def __init__(self, config: str | Path | KitConfig | None = None, n: int | None = None, *,
@@ -348,6 +349,8 @@ class GLMCluster:
                 events.close()
         return holder["result"]
 
+    _run_probe, _probe_config = call, property(lambda self: self.config.model)  # trace/logit_lens/patch
+
     def _events(self, request, should_abort, timeout, holder: dict, on_progress=None) -> Iterator:
         timeout = self._timeout(timeout)
         call_id = uuid.uuid4().hex
@@ -422,11 +425,9 @@ class GLMCluster:
             self._client.purge_local_results(ar)
 
     def _finish_quietly(self, ar, grace: float = 30.0) -> None:
-        try:
+        with suppress(Exception):
             ar.wait(grace)
             self._client.purge_local_results(ar)
-        except Exception:
-            pass
 
     # --- health ------------------------------------------------------------------------------------
 
