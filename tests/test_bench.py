@@ -310,3 +310,20 @@ def test_engine_bench_times_the_cluster_and_the_pipeline_on_the_same_weights():
         assert record["generated"] == [3, 10] and record["ms_per_token"] > 0
     assert result["cluster"]["text"] == result["pipeline"]["text"] == result["cluster_streaming"]["text"]
     assert result["engines"] == 2 and result["weight_bytes_per_gpu"] > 0
+
+
+def test_fixed_cost_lab_measures_the_cluster_against_the_pipeline():
+    """`python -m glmkit.lab.fixed_cost`: the same requests through a 1-engine cluster and a pipeline, and where
+    the cluster's time goes: one send on the channel per call, rank 0's own run inside the call's wall time."""
+    from glmkit.lab.fixed_cost import measure
+
+    result = measure(1, tokens=3, repeats=3)
+    assert set(result["pipeline"]) == set(result["cluster"]) == {"generate_1", "generate_3", "empty"}
+    assert all(r["min_ms"] <= r["median_ms"] for r in (*result["pipeline"].values(), *result["cluster"].values()))
+    breakdown = result["breakdown_generate_1"]
+    assert breakdown["calls_per_call"]["ClientChannel.send"] == 1.0
+    assert breakdown["calls_per_call"]["DirectView.apply_async"] == 0.0  # calls do not go through ipyparallel
+    assert 0 < breakdown["rank0_run_ms"]["min_ms"] <= breakdown["ms_per_call_in"]["ClientChannel.receive"]
+    (engine,) = breakdown["engine"]
+    assert engine["store_check_us"] > 0 and engine["request_bytes"] > 0 and engine["result_bytes"] > 0
+    assert result["ipyparallel_apply_sync_noop"]["min_ms"] > 0
