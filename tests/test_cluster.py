@@ -1,14 +1,25 @@
 """The resident cluster on CPU engines: lockstep generation, streaming, stop, interrupt, death, restart, teardown."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import pickle
+import random
 import signal
+import statistics
+import sys
 import threading
 import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import ipyparallel as ipp
 import psutil
 import pytest
+import zmq
 
 from glmkit.serve.cluster import EngineDiedError, GLMCluster
 
@@ -39,6 +50,143 @@ def _engine_env(name):
 
 def test_nccl_settings_reach_every_engine(cluster):
     assert cluster._client[:].apply_sync(_engine_env, "NCCL_DEBUG") == ["WARN", "WARN"]
+
+
+@ipp.interactive
+def _add_sys_path(path):
+    import sys
+
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+@pytest.fixture(scope="module")
+def engines_import_this_module(cluster):
+    """Requests are pickled by reference, as any request kind: let the engines import the ones defined here."""
+    cluster._client[:].apply_sync(_add_sys_path, str(Path(__file__).parent))
+
+
+@dataclass(frozen=True)
+class FailOn:
+    """Raises on rank `rank`; every other rank returns its rank."""
+
+    rank: int
+    reduction: ClassVar[str] = "all"
+    needs_model: ClassVar[bool] = False
+
+    def run(self, worker, channel) -> int:
+        if worker.rank == self.rank:
+            raise ValueError(f"refused on rank {worker.rank}")
+        return worker.rank
+
+
+@dataclass(frozen=True)
+class Nothing:
+    """Does nothing: its call is the call path alone."""
+
+    reduction: ClassVar[str] = "rank0"
+    needs_model: ClassVar[bool] = False
+
+    def run(self, worker, channel) -> None:
+        return None
+
+
+def test_a_failure_on_one_rank_is_raised_naming_it_and_engines_stay_usable(cluster, engines_import_this_module):
+    assert cluster.call(FailOn(-1)) == [0, 1]
+    for rank in (0, 1):
+        with pytest.raises(RuntimeError) as failed:
+            cluster.call(FailOn(rank))
+        assert str(failed.value) == f"the call failed on rank {rank}: ValueError: refused on rank {rank}"
+        assert "raise ValueError" in "".join(failed.value.__notes__)  # the engine's traceback comes along
+    assert cluster.generate("Hello", max_new_tokens=2).num_generated_tokens == 2
+
+
+def test_a_request_the_engines_cannot_unpickle_fails_that_call_alone(cluster, monkeypatch):
+    # As a request kind defined in a notebook's own module: the notebook pickles it, the engines cannot load it.
+    monkeypatch.setattr(Nothing, "__module__", "notebook_only")
+    monkeypatch.setitem(sys.modules, "notebook_only", types.SimpleNamespace(Nothing=Nothing))
+    with pytest.raises(RuntimeError, match=r"^the call failed on rank 0: ModuleNotFoundError: No module named "
+                                           r"'notebook_only'"):
+        cluster.call(Nothing(), timeout=30)
+    monkeypatch.undo()
+    assert cluster.generate("Hello", max_new_tokens=2).num_generated_tokens == 2
+
+
+def test_a_call_costs_a_fraction_of_an_ipyparallel_round_trip(cluster, engines_import_this_module):
+    """Calls go on the direct channel: an empty request is answered far sooner than one ipyparallel apply
+    (timed in turns, so both see the same load on a shared CPU)."""
+    view = cluster._client[[r["engine"] for r in cluster._ranks]]
+    calls, applies = [], []
+    for _ in range(15):
+        for times, run in ((calls, lambda: cluster.call(Nothing())), (applies, lambda: view.apply_sync(int))):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+    assert statistics.median(calls) < 0.5 * statistics.median(applies), (calls, applies)
+
+
+class _Opens:
+    """Unpickling it opens (creates) a file: what a message from a stranger must never get to do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_engines_drop_unsigned_and_garbage_messages_unread(cluster, tmp_path):
+    rng = random.Random(0)
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(("call", "stranger", _Opens(marker), False))
+    forged = [[b"", payload], [payload], [b"\0" * 32, payload],
+              [hmac.new(b"another key", payload, hashlib.sha256).digest(), payload]]
+    garbage = [[rng.randbytes(rng.randrange(64)) for _ in range(rng.randrange(1, 4))] for _ in range(200)]
+    context = zmq.Context()
+    try:
+        for address in cluster._channel.addresses:
+            sock = context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(address)
+            for frames in forged + garbage:
+                sock.send_multipart(frames)
+            assert sock.poll(500) == 0  # no answer to a stranger
+            sock.close()
+    finally:
+        context.term()
+    assert cluster.generate("Hello", max_new_tokens=2).num_generated_tokens == 2
+    assert not marker.exists()
+
+
+def test_a_call_past_its_timeout_stops_at_a_token_and_returns(cluster):
+    started = time.monotonic()
+    result = cluster.generate("Hello", max_new_tokens=500, min_new_tokens=500, timeout=0.5)
+    assert result.finish_reason == "abort" and 0 < result.num_generated_tokens < 500
+    assert time.monotonic() - started < 15
+    assert cluster.generate("Hello", max_new_tokens=2).num_generated_tokens == 2
+
+
+def test_calls_from_several_threads_take_turns(cluster, pipeline):
+    """Widgets call from their own threads: each call gets its own result and its own streamed events."""
+    prompts = ["def [MASK](self):", "Hello", "x = [MASK] + [MASK]", "import [MASK]"]
+    expected = {p: pipeline.generate(p, max_new_tokens=4).text for p in prompts}
+    got, errors = {}, []
+
+    def work(prompt):
+        try:
+            events = []
+            result = cluster.generate(prompt, max_new_tokens=4, on_text=events.append)
+            got[prompt] = result.text
+            assert "".join(e.text for e in events) == result.completion
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and got == expected
 
 
 def test_tensor_parallel_generation_equals_single_process(cluster, pipeline):

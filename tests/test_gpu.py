@@ -5,6 +5,13 @@ Run them on a GPU machine with `python -m pytest -m gpu tests/test_gpu.py` (READ
 """
 from __future__ import annotations
 
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import ipyparallel as ipp
 import pytest
 import torch
 
@@ -138,6 +145,43 @@ def test_one_engine_cluster_on_the_gpu_generates_what_the_pipeline_does(gpu_conf
         assert "".join(e.text for e in events if e.index == 0) == got[0].completion
 
 
+def test_a_short_call_through_a_gpu_engine_costs_within_5_ms_of_the_pipeline(gpu_config):
+    """Issue 12's target for a call's fixed cost, on 1-token calls (medians of calls taking turns)."""
+    from glmkit.serve.cluster import GLMCluster
+
+    pipeline = GLMPipeline.from_config(gpu_config)
+    request = pipeline.request(PROMPTS[0], max_new_tokens=1, min_new_tokens=1)
+    with GLMCluster(config=gpu_config, n=1) as cluster:
+        walls = {"pipeline": [], "cluster": []}
+        for backend, run in (("pipeline", pipeline.run), ("cluster", cluster.call)):
+            run(request)  # warm-up: graphs captured
+        for _ in range(20):
+            for backend, run in (("pipeline", pipeline.run), ("cluster", cluster.call)):
+                started = time.perf_counter()
+                run(request)
+                walls[backend].append((time.perf_counter() - started) * 1e3)
+    over = statistics.median(walls["cluster"]) - statistics.median(walls["pipeline"])
+    assert over < 5.0, walls
+
+
+@ipp.interactive
+def _add_sys_path(path):
+    import sys
+
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+@dataclass(frozen=True)
+class CurrentDevice:
+    """The CUDA device current where the request runs, per rank."""
+
+    reduction: ClassVar[str] = "all"
+
+    def run(self, worker, channel) -> int:
+        return torch.cuda.current_device()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_engine_nccl_cluster_generates_what_one_process_does(gpu_config):
     from glmkit.serve.cluster import GLMCluster
@@ -147,6 +191,9 @@ def test_two_engine_nccl_cluster_generates_what_one_process_does(gpu_config):
     del pipeline
     with GLMCluster(config=gpu_config, n=2) as cluster:
         assert [r.text for r in cluster.generate(PROMPTS, max_new_tokens=16)] == expected
+        # Requests run in each engine's request thread: on that rank's own GPU.
+        cluster._client[:].apply_sync(_add_sys_path, str(Path(__file__).parent))
+        assert cluster.call(CurrentDevice()) == [0, 1]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -4,21 +4,23 @@
         print(cluster.generate("def [MASK](x):", max_new_tokens=8).text)
 
 Ranks are assigned from the engines' ids after connecting (sorted), GPUs from the order of a host's engines
-among those ids. Every call is one request (glmkit.generate.request), validated here and run by all engines
-in lockstep through one path, `call()`, with a timeout; rank 0 streams events back as deltas. A stop request
-(`stop()`, a KeyboardInterrupt, `should_abort`) is handed to rank 0 through the process group's TCP store and
-takes effect at the next token on every rank, so no collective is left waiting.
+among those ids. ipyparallel starts, watches, restarts and stops the engines; every call is one request
+(glmkit.generate.request), validated here, sent to all engines on a direct channel (glmkit.serve.channel)
+and run by them in lockstep through one path, `call()`, with a timeout; rank 0 streams events back. A stop
+request (`stop()`, a KeyboardInterrupt, `should_abort`) is handed to rank 0 through the process group's TCP
+store and takes effect at the next token on every rank, so no collective is left waiting.
 """
 from __future__ import annotations
 
 import math
+import secrets
 import socket
 import threading
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from ipyparallel.cluster import launcher as ipp_launcher
 
 from . import engine, watchdog
+from .channel import ClientChannel
 from ..config import KitConfig, load_config
 from ..generate.blanks import GenerationResult, TextEvent, check_callbacks
 from ..generate.request import GenerateRequest
@@ -38,8 +41,8 @@ from ..inspect.calls import ProbeCalls
 from ..tokenizer import GLMTokenizer
 
 POLL_S = 0.05
-# A streamed batch may still be on its way (IOPub) when the result (another socket) has arrived.
-LATE_EVENTS_WAIT_S = 5.0
+# After a rank failed, how long the others get to answer before the failure is raised.
+FAILURE_GRACE_S = 5.0
 # How long a new cluster waits for an earlier one's processes to end by themselves before reporting them:
 # their watchdogs notice a killed starter within a poll and end them within a grace.
 LEFTOVER_WAIT_S = watchdog.POLL_S + 2 * watchdog.GRACE_S + 1.0
@@ -85,9 +88,10 @@ class GLMCluster(ProbeCalls):
         self._client: ipp.Client | None = None
         self._ranks: list[dict] = []  # per rank: engine id, host, pid, device
         self._store: dist.TCPStore | None = None
+        self._channel: ClientChannel | None = None
         self._tokenizer: GLMTokenizer | None = None
         self._call_id: str | None = None
-        self._lock = threading.RLock()  # guards the ipyparallel client, which is not thread-safe
+        self._lock = threading.RLock()  # guards the ipyparallel client and the channel: neither is thread-safe
         self.last_results: list[GenerationResult] | None = None
         self.load_results: list | None = None
 
@@ -206,12 +210,15 @@ class GLMCluster(ProbeCalls):
         hosts = {r["host"] for r in self._ranks}
         store_host = "127.0.0.1" if len(hosts) == 1 else self._ranks[0]["host"]
         port = self._client[ids[0]].apply_sync(engine.free_port, "127.0.0.1" if len(hosts) == 1 else "")
-        world = len(ids)
-        env = self.nccl_env
+        world, key = len(ids), secrets.token_bytes(32)  # the channel's signing key, handed over by ipyparallel
         pending = [self._client[r["engine"]].apply_async(_make_worker, rank, world, r["device"], store_host, port,
-                                                         self.call_timeout, env)
+                                                         self.call_timeout, self.nccl_env, key,
+                                                         "127.0.0.1" if len(hosts) == 1 else "*")
                    for rank, r in enumerate(self._ranks)]
-        self._wait_all(pending, self.start_timeout, "forming the process group")
+        ports = self._wait_all(pending, self.start_timeout, "forming the process group")
+        self._close_channel()
+        self._channel = ClientChannel([f"tcp://{store_host if len(hosts) == 1 else r['host']}:{p}"
+                                       for r, p in zip(self._ranks, ports)], key)
         # The notebook joins the rank-0 store as a client: that is how stop requests reach the engines.
         self._store = dist.TCPStore(store_host, port, world, is_master=False,
                                     timeout=timedelta(seconds=self.start_timeout), wait_for_workers=False)
@@ -239,12 +246,18 @@ class GLMCluster(ProbeCalls):
         if self._client is None:
             return
         try:
+            self._close_channel()
             if getattr(self, "_started_here", False):
                 self._ipp.stop_cluster_sync()
             else:
                 self._client.close()
         finally:
             self._client, self._store, self._ranks = None, None, []
+
+    def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
 
     def restart(self) -> pd.DataFrame | None:
         """Replace all engines with fresh ones and reload the model (after a death or a hung call)."""
@@ -338,7 +351,7 @@ class GLMCluster(ProbeCalls):
         holder: dict = {}
         with self._lock:  # one call at a time, also from widget threads: engines run calls in order
             self._ensure_alive()
-            events = self._events(request, should_abort, timeout, holder, on_progress)
+            events = self._events(request, should_abort, timeout, holder, on_progress, stream=on_event is not None)
             try:
                 for event in events:
                     if on_event is not None:
@@ -351,83 +364,56 @@ class GLMCluster(ProbeCalls):
 
     _run_probe, _probe_config = call, property(lambda self: self.config.model)  # trace/logit_lens/patch
 
-    def _events(self, request, should_abort, timeout, holder: dict, on_progress=None) -> Iterator:
+    def _events(self, request, should_abort, timeout, holder: dict, on_progress=None, stream=True) -> Iterator:
         timeout = self._timeout(timeout)
         call_id = uuid.uuid4().hex
         self._call_id = call_id
-        with self._engines_vanished():  # an engine that died since the liveness check
-            view = self._client[[r["engine"] for r in self._ranks]]
-            ar = view.apply_async(engine.run_request, ipp.Reference(engine.WORKER_NAME), call_id, request)
-        received, deadline, stopping = 0, time.monotonic() + timeout, False
+        pending = self._channel.send(call_id, request, stream)
+        deadline, stopping, checked = time.monotonic() + timeout, False, time.monotonic()
         try:
-            while not ar.ready():
-                for batch in self._new_batches(ar, call_id, received):
-                    received += 1
-                    yield from batch
+            while not pending.done:
+                yield from pending.events(POLL_S)  # returns as soon as anything arrives
                 if on_progress is not None:
-                    on_progress(ar.progress)
-                if not stopping and should_abort is not None and should_abort():
+                    on_progress(len(pending.replies))
+                now = time.monotonic()
+                if pending.failures and not pending.done and deadline > now + FAILURE_GRACE_S:
+                    # A rank failed: the others stop at the next token rather than wait for it in a collective.
+                    self.stop()
+                    stopping, deadline = True, now + FAILURE_GRACE_S
+                elif not stopping and should_abort is not None and should_abort():
                     self.stop()
                     stopping = True
-                self._check_alive()
-                if time.monotonic() > deadline:
+                if now - checked >= POLL_S:
+                    self._check_alive()
+                    checked = now
+                if now > deadline and not pending.done:
+                    if pending.failures:
+                        break
                     if stopping:
                         raise ClusterTimeoutError(f"the call did not stop within {timeout:.0f} s; the engines "
                                                   f"may be stuck: call cluster.restart()")
                     self.stop()
-                    stopping, deadline = True, time.monotonic() + min(30.0, timeout)
-                ar.wait(POLL_S)
+                    stopping, deadline = True, now + min(30.0, timeout)
         except (KeyboardInterrupt, GeneratorExit):
             # Interrupted in the notebook, or the consumer stopped iterating: engines finish the
             # current token and return, so no collective is left waiting and they stay usable.
             self.stop()
-            self._finish_quietly(ar)
-            self._call_id = None
+            self._finish_quietly(pending)
             raise
-        values = self._values(ar)
-        self._call_id = None
-        if on_progress is not None:
-            on_progress(len(values))
-        if request.reduction == "all":
-            holder["result"] = values
-            return
-        result, published, tail = values[0]
-        late = time.monotonic() + LATE_EVENTS_WAIT_S
-        while received < published and time.monotonic() < late:
-            batches = list(self._new_batches(ar, call_id, received))
-            for batch in batches:
-                received += 1
-                yield from batch
-            if not batches:
-                time.sleep(POLL_S / 5)
-        holder["result"] = result
-        yield from tail
+        finally:
+            self._call_id = None
+        if pending.failures:
+            self._check_alive()  # an engine that died is the cause to report
+        holder["result"] = pending.result(request.reduction)
 
     @staticmethod
-    def _new_batches(ar, call_id: str, received: int) -> Iterator[list]:
-        """Event batches rank 0 published since the `received`-th, in order (each is sent once: deltas)."""
-        data = ar.data[0] if ar.data else None
-        while data and engine.batch_key(call_id, received) in data:
-            yield data[engine.batch_key(call_id, received)]
-            received += 1
-
-    def _values(self, ar) -> list:
+    def _finish_quietly(pending, grace: float = 30.0) -> None:
+        deadline = time.monotonic() + grace
         try:
-            with self._engines_vanished():
-                return ar.get(timeout=0)
-        except ipp.error.CompositeError as error:
-            self._check_alive()
-            raise RuntimeError(f"the call failed on the engines: {error.elist[0][0]}: {error.elist[0][1]}") from None
-        except ipp.error.RemoteError as error:
-            self._check_alive()
-            raise RuntimeError(f"the call failed on an engine: {error.ename}: {error.evalue}") from None
-        finally:
-            self._client.purge_local_results(ar)
-
-    def _finish_quietly(self, ar, grace: float = 30.0) -> None:
-        with suppress(Exception):
-            ar.wait(grace)
-            self._client.purge_local_results(ar)
+            while not pending.done and time.monotonic() < deadline:
+                pending.events(POLL_S)
+        except Exception:
+            pass
 
     # --- health ------------------------------------------------------------------------------------
 
@@ -503,9 +489,13 @@ class GLMCluster(ProbeCalls):
 
 
 @ipp.interactive  # runs in the engine's user namespace, where ipyparallel References are resolved
-def _make_worker(rank, world_size, device, store_host, store_port, timeout_s, env):
-    """Runs on an engine: create its ShardWorker and keep it in the engine's namespace."""
+def _make_worker(rank, world_size, device, store_host, store_port, timeout_s, env, key, host):
+    """Runs on an engine: create its ShardWorker, keep it in the engine's namespace and serve requests on
+    `host`; the port."""
     from glmkit.serve.engine import WORKER_NAME, ShardWorker
 
-    globals()[WORKER_NAME] = ShardWorker(rank, world_size, device, store_host, store_port, timeout_s, env)
-    return WORKER_NAME
+    previous = globals().get(WORKER_NAME)
+    if previous is not None:
+        previous.stop_serving()  # a worker of an earlier group on this engine must not read the next requests
+    worker = globals()[WORKER_NAME] = ShardWorker(rank, world_size, device, store_host, store_port, timeout_s, env)
+    return worker.serve(key, host)

@@ -1,10 +1,11 @@
 """Engine side of the cluster: one tensor-parallel rank kept resident in an ipyparallel engine.
 
-The notebook (`glmkit.serve.cluster`) creates one `ShardWorker` per engine, then sends every call to all
-engines at once as one request (glmkit.generate.request): each rank runs `request.run(worker, channel)` on
-its shard. Ranks stay in lockstep because they run the same request in the same order; the only decision
-that could differ between ranks, whether to stop early, is taken by rank 0 and broadcast. What travels back
-follows the request's declared reduction: rank 0's result, or every rank's.
+The notebook (`glmkit.serve.cluster`) creates one `ShardWorker` per engine, which serves requests on a direct
+channel (glmkit.serve.channel), then sends every call to all engines at once as one request
+(glmkit.generate.request): each rank runs `request.run(worker, channel)` on its shard. Ranks stay in lockstep
+because they run the same request in the same order; the only decision that could differ between ranks,
+whether to stop early, is taken by rank 0 and broadcast. What travels back follows the request's declared
+reduction: rank 0's result, or every rank's.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -23,12 +24,13 @@ from ..generate.request import Channel
 from ..generate.tokens import Generator
 from ..parallel.comm import free_port, init_process_groups
 from ..parallel.transform import parallelize
+from .channel import RequestServer
 
 __all__ = ["ShardWorker", "LoadRequest", "StatusRequest", "describe_engine", "free_port", "run_request"]
 
 # The name the worker is stored under in each engine's namespace (ipyparallel `Reference` target).
 WORKER_NAME = "_glmkit_worker"
-# Streamed events are published at most this often (rank 0); the rest come back with the result.
+# Streamed events are published at most this often (rank 0); the rest follow when the request is done.
 PUBLISH_INTERVAL_S = 0.05
 
 
@@ -42,47 +44,37 @@ def abort_key(call_id: str) -> str:
     return f"glmkit/abort/{call_id}"
 
 
-def batch_key(call_id: str, number: int) -> str:
-    """The datapub key of a call's `number`-th batch of streamed events."""
-    return f"{call_id}/{number}"
-
-
 def run_request(worker: "ShardWorker", call_id: str, request):
-    """Run `request` on this engine's shard (sent to every engine with an ipyparallel Reference to the worker)."""
+    """Run `request` on this engine's shard, unstreamed (sent through ipyparallel with a Reference to the worker)."""
     return worker.handle(call_id, request)
 
 
-def _publish(data: dict) -> None:
-    try:
-        from ipyparallel.datapub import publish_data
-
-        publish_data(data)
-    except Exception:
-        # Outside an engine (a plain process in tests) there is no IOPub channel to publish on.
-        pass
-
-
 class EngineChannel(Channel):
-    """A request's channel on an engine: rank 0 streams its events to the notebook in batches (deltas, each
-    published once under its own key), and every rank follows rank 0's reading of the notebook's stop."""
+    """A request's channel on an engine: rank 0 streams its events to the notebook in batches through `publish`
+    (None: nothing streamed), and every rank follows rank 0's reading of the notebook's stop."""
 
-    def __init__(self, worker: "ShardWorker", call_id: str):
+    def __init__(self, worker: "ShardWorker", call_id: str, publish: Callable[[list], None] | None = None):
         super().__init__()
-        self.worker, self.call_id = worker, call_id
+        self.worker, self.call_id, self.publish = worker, call_id, publish
         self.pending: list = []
-        self.published = 0  # batches sent so far
         self.last_publish = time.perf_counter()
 
     @property
     def streaming(self) -> bool:
-        return self.worker.rank == 0
+        return self.worker.rank == 0 and self.publish is not None
 
     def emit(self, event) -> None:
         self.pending.append(event)
         now = time.perf_counter()
         if now - self.last_publish >= PUBLISH_INTERVAL_S:
-            _publish({batch_key(self.call_id, self.published): self.pending})
-            self.pending, self.published, self.last_publish = [], self.published + 1, now
+            self.flush()
+            self.last_publish = now
+
+    def flush(self) -> None:
+        """Publish the events not yet sent."""
+        if self.pending and self.streaming:
+            self.publish(self.pending)
+        self.pending = []
 
     def should_abort(self) -> bool:
         # Rank 0 looks for the notebook's stop request in the store; everyone follows its verdict at the same
@@ -118,6 +110,7 @@ class ShardWorker:
         self.tokenizer = None
         self.config: KitConfig | None = None
         self.load_seconds = 0.0
+        self.server = None
 
     @property
     def model(self):
@@ -128,15 +121,27 @@ class ShardWorker:
         """The process group the model's collectives use (probes combine their per-rank results over it)."""
         return self.groups.data
 
-    def handle(self, call_id: str, request):
-        """Run one request on this shard; what it returns follows the request's reduction."""
+    def handle(self, call_id: str, request, publish: Callable[[list], None] | None = None):
+        """Run one request on this shard (rank 0 streaming through `publish`); what it returns follows the
+        request's reduction: its result on every rank ("all"), or on rank 0 alone ("rank0")."""
         if getattr(request, "needs_model", True) and self.generator is None:
             raise RuntimeError("no model loaded on this engine: call cluster.load(config) first")
-        channel = EngineChannel(self, call_id)
+        channel = EngineChannel(self, call_id, publish)
         result = request.run(self, channel)
-        if request.reduction == "all":
-            return result
-        return (result, channel.published, channel.pending) if self.rank == 0 else None
+        channel.flush()
+        return result if request.reduction == "all" or self.rank == 0 else None
+
+    def serve(self, key: bytes, host: str = "127.0.0.1") -> int:
+        """Serve requests signed with `key` on a port of `host` (a thread; see glmkit.serve.channel); the port."""
+        self.stop_serving()
+        self.server = RequestServer(self, key, host)
+        return self.server.port
+
+    def stop_serving(self) -> None:
+        """Stop the request server (after the request it runs, if any)."""
+        server, self.server = self.server, None
+        if server is not None:
+            server.close()
 
     def install(self, model, tokenizer, config: KitConfig | None = None) -> None:
         """Make `model` (this rank's shard, already parallelized) the one requests run on."""
@@ -170,7 +175,8 @@ class ShardWorker:
         return info
 
     def close(self) -> None:
-        """Release the model and leave the process groups."""
+        """Stop serving, release the model and leave the process groups."""
+        self.stop_serving()
         self.generator = None
         self.groups.close()
         if self.device.type == "cuda":
