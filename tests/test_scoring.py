@@ -110,9 +110,9 @@ def test_packed_choices_equal_each_choice_scored_alone(pipeline, tokenizer, opti
     assert [len(row.choices) for batch in request.batches for row in batch] == [len(choices)] * len(contexts)
     assert len(request.batches) == 1  # one forward pass, each context computed once
     packed = pipeline.run(request)
-    small = pipeline.score(contexts, [choices] * len(contexts), batch_tokens=24, **options)  # rows split up
-    assert len(ScoreRequest.build(tokenizer, 512, contexts, [choices] * len(contexts), batch_tokens=24,
-                                  **options).batches) > len(contexts)
+    small = pipeline.score(contexts, [choices] * len(contexts), batch_tokens=12, **options)
+    split = ScoreRequest.build(tokenizer, 512, contexts, [choices] * len(contexts), batch_tokens=12, **options)
+    assert sum(len(batch) for batch in split.batches) > len(contexts)  # a context's choices over several rows
     for i, context in enumerate(contexts):
         for j, choice in enumerate(choices):
             alone = pipeline.score(context, choice, **options)
