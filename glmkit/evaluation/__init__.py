@@ -1,0 +1,1 @@
+"""Evaluation: tasks, scoring of choices and generations, and adapters to other harnesses."""
