@@ -136,7 +136,8 @@ class GLMKitLM(LM):
     """lm-eval's LM over a glmkit backend: `GLMKitLM(pipeline_or_cluster)` or `GLMKitLM(pretrained="glm-tiny")`.
 
     `batch_size`: contexts per score call and prompts per generate call ("auto" takes the default, 32, or
-    `max_batch_size` when smaller: lm-eval's probing is not needed, score packs passes by tokens); the choices of one context always go together, and score packs each call's forward passes by `batch_tokens`.
+    `max_batch_size` when smaller: no probing is needed); the choices of one context always go together, and
+    score packs each call's forward passes by `batch_tokens`.
     `max_gen_toks`: max_new_tokens of generate_until when a task gives none. `unidirectional`,
     `use_task_mask`: score's options for loglikelihood (default: GLM-130B's multiple-choice reading).
     `truncation`: keep the end of a context too long for the model instead of raising. `device`, `dtype`:
