@@ -186,6 +186,8 @@ def _bench(args) -> int:
     name, model, kit = resolve_config(args.config, args.layers)
     if args.engines is not None:
         return _bench_engines(args, model, kit)
+    if args.score:
+        return _bench_score(args, name, model, kit)
     try:
         batches = tuple(int(b) for b in args.batches.split(","))
     except ValueError:
@@ -230,6 +232,21 @@ def _bench_engines(args, model, kit) -> int:
                                   prompt_tokens=args.prompt_tokens, new_tokens=args.tokens, repeats=args.repeats,
                                   seed=args.seed, copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
                                   pipeline=not args.no_pipeline)
+    return _print_json(result, args.out)
+
+
+def _bench_score(args, name, model, kit) -> int:
+    from .lab.score_bench import ScoreBenchOptions, run_score_bench
+
+    if args.tp != 1:
+        raise ValueError("--score runs on one device: leave out --tp")
+    options = ScoreBenchOptions(config=model, config_name=name, **_bench_precision(args, kit),
+                                batch_tokens=args.batch_tokens, contexts=args.contexts,
+                                context_tokens=args.prompt_tokens, choices=args.choices,
+                                choice_tokens=args.choice_tokens, repeats=args.repeats, seed=args.seed,
+                                matmul_size=args.matmul_size)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+        result = run_score_bench(options)
     return _print_json(result, args.out)
 
 
@@ -288,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engines", type=int, help="time generate() through a GLMCluster of this many engines "
                        "(and GLMPipeline in this process) instead of the in-process generation loop")
     bench.add_argument("--no-pipeline", action="store_true", help="with --engines: skip the in-process pipeline")
+    bench.add_argument("--score", action="store_true", help="time batched choice scoring (prefill only) against "
+                       "the card's fp16 matmul rate instead of decoding; --prompt-tokens is the context length")
+    bench.add_argument("--batch-tokens", type=int, default=4096, help="with --score: tokens a forward pass")
+    bench.add_argument("--contexts", type=int, help="with --score: contexts a call (default: about four passes)")
+    bench.add_argument("--choices", type=int, default=4, help="with --score: choices a context")
+    bench.add_argument("--choice-tokens", type=int, default=8, help="with --score: ids a choice")
+    bench.add_argument("--matmul-size", type=int, help="with --score: n of the reference n x n matmul "
+                       "(default 8192 on GPU, 512 on CPU)")
     bench.add_argument("--out", help="also write the JSON to this file")
     bench.set_defaults(run=_bench)
 

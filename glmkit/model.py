@@ -208,8 +208,10 @@ class GLM(nn.Module):
         self.transformer = Transformer(config)
 
     def forward(self, input_ids, position_ids, allowed, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (b, s, vocab), or (b, 1, vocab) with `last_only`, for s tokens at `position_ids` (b, s).
+                slots: torch.Tensor | None = None, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (b, s, vocab), or (b, 1, vocab) with `last_only`, or (b, k, vocab) at the token indices
+        `logits_at` (b, k) of each row, for s tokens at `position_ids` (b, s).
 
         Without a cache, attention covers the s tokens and `allowed` is (b, 1, s, s) bool. With a cache, the
         tokens' keys and values are written at cache `slots` (s,) and attention covers the first t slots of
@@ -237,6 +239,11 @@ class GLM(nn.Module):
             residual, branch = layer(residual, branch, cos, sin, allowed, cache, slots)
         if last_only:
             residual, branch = residual[:, -1:], branch[:, -1:]
+        elif logits_at is not None:
+            # Scoring reads a few positions of a long batch: projecting all of them onto the vocabulary would
+            # hold (b, s, vocab) logits, gigabytes at GLM-130B's 150k ids, then all-gathered on every rank.
+            index = logits_at[:, :, None].expand(-1, -1, branch.shape[-1])  # (b, k, h)
+            residual, branch = residual.gather(1, index), branch.gather(1, index)
         hidden = self.transformer.final_layernorm(residual, branch, self.config.deepnorm_alpha)
         # Tied output projection; on a tensor-parallel rank this is the local vocab slice, which
         # the tensor-parallel transform gathers with a forward hook.

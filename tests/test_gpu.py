@@ -153,3 +153,31 @@ def _all_reduce_rank(rank: int, world_size: int, port: int) -> None:
             assert torch.equal(reduce(x), expected)
     finally:
         groups.close()
+
+
+def test_scoring_on_the_gpu_tracks_fp32_on_the_cpu_and_the_gpu_generate(gpu_config):
+    from glmkit.generate.scoring import Tokens
+
+    gpu = GLMPipeline.from_config(gpu_config)  # fp16, fused kernels
+    cpu = GLMPipeline.from_config(load_config("glm-tiny"))
+    choices = [["os", "sys", "re"], "empty", ["list", "string"]]
+    for options in ({}, {"use_task_mask": True, "include_end": True}):
+        for got, expected in zip(gpu.score(PROMPTS, choices, **options), cpu.score(PROMPTS, choices, **options)):
+            pairs = zip(got, expected) if isinstance(got, list) else [(got, expected)]
+            for a, b in pairs:
+                assert a.tokens == b.tokens
+                assert max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)) < 0.05
+    blank = gpu.generate(PROMPTS[1], max_new_tokens=8, logprobs=True).blanks[0]
+    score = gpu.score(PROMPTS[1], Tokens(blank.tokens), append_eos=True)  # generate's layout of a mid-text mask
+    assert max(abs(x - r.logprob) for x, r in zip(score.token_logprobs, blank.logprobs)) < 0.05
+
+
+def test_score_bench_on_the_gpu_reports_a_matmul_fraction():
+    from glmkit.lab.score_bench import ScoreBenchOptions, run_score_bench
+
+    config = GLMConfig(num_layers=2, hidden_size=1024, num_attention_heads=8, inner_hidden_size=2048,
+                       vocab_size=4096, max_sequence_length=1024)
+    result = run_score_bench(ScoreBenchOptions(config=config, device="cuda", batch_tokens=2048, context_tokens=256,
+                                               repeats=2, matmul_size=4096))
+    assert result["logprobs_finite"] and result["matmul_dtype"] == "fp16"
+    assert 0 < result["matmul_fraction"] < 1.5 and result["peak_gpu_bytes"] > 0

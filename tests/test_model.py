@@ -287,3 +287,12 @@ def test_long_context_logits_follow_sats_rotary_tables():
     exact_option = offset_head_model("fp32")(ids, positions, allowed)[0].double()
     # Looser: at the exact tables' even split fp16 noise in the scores moves the split a little (1.2 %).
     assert (exact_option[far] - exact[far]).abs().max() < 0.05 * scale
+
+
+def test_logits_at_projects_only_the_chosen_positions(small_model):
+    ids, positions, allowed, _ = prefill_inputs([Context((3, 4, 5, 6, 7), None), Context((9, 7), 0)], "cpu")
+    full = small_model(ids, positions, allowed)  # (2, 5, vocab)
+    at = torch.tensor([[4, 0, 2], [3, 3, 1]])
+    picked = small_model(ids, positions, allowed, logits_at=at)
+    assert picked.shape == (2, 3, full.shape[-1])
+    assert torch.allclose(picked, full.gather(1, at[:, :, None].expand(-1, -1, full.shape[-1])), atol=1e-6)

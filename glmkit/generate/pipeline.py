@@ -13,6 +13,7 @@ from ..quantization import convert_for_runtime
 from ..tokenizer import GLMTokenizer
 from .blanks import GenerationResult, TextEvent, check_callbacks
 from .request import Channel, GenerateRequest
+from .scoring import ContinuationScore, ScoreRequest
 from .tokens import Generator
 
 
@@ -58,7 +59,7 @@ def load_tokenizer(config: KitConfig) -> GLMTokenizer:
 
 
 class GLMPipeline:
-    """A model and its tokenizer in this process: `generate()` fills blanks in one or more prompts."""
+    """A model and its tokenizer in this process: `generate()` fills blanks, `score()` scores continuations."""
 
     def __init__(self, model: GLM, tokenizer: GLMTokenizer, config: KitConfig | None = None):
         if tokenizer.num_tokens > model.config.vocab_size:
@@ -95,6 +96,11 @@ class GLMPipeline:
     def request(self, prompts: str | list[str], **kwargs) -> GenerateRequest:
         """The validated request of a generate() call (what the pipeline and the cluster both run)."""
         return GenerateRequest.build(self.tokenizer, self.model.config.max_sequence_length, prompts, **kwargs)
+
+    def score(self, contexts, continuations, **options) -> ContinuationScore | list:
+        """Log-probabilities of continuations after contexts (forms and options: glmkit.generate.scoring)."""
+        return self.run(ScoreRequest.build(self.tokenizer, self.model.config.max_sequence_length, contexts,
+                                           continuations, **options))
 
     def run(self, request, channel: Channel | None = None):
         """Run any request kind here, as every engine of a cluster would (glmkit.generate.request)."""

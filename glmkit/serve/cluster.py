@@ -33,6 +33,7 @@ from . import engine, watchdog
 from ..config import KitConfig, load_config
 from ..generate.blanks import GenerationResult, TextEvent, check_callbacks
 from ..generate.request import GenerateRequest
+from ..generate.scoring import ScoreRequest
 from ..tokenizer import GLMTokenizer
 
 POLL_S = 0.05
@@ -313,6 +314,11 @@ class GLMCluster:
         results = self.call(request, on_event=on_text, should_abort=should_abort, timeout=timeout)
         return results[0] if request.single else results
 
+    def score(self, contexts, continuations, *, timeout: float | None = None, **options):
+        """Score continuations on all engines in lockstep (same forms and options as GLMPipeline.score)."""
+        return self.call(ScoreRequest.build(self.tokenizer, self.config.model.max_sequence_length, contexts,
+                                            continuations, **options), timeout=timeout)
+
     def stream(self, prompts: str | list[str], *, should_abort: Callable[[], bool] | None = None,
                timeout: float | None = None, **kwargs) -> Iterator[TextEvent]:
         """Yield TextEvents as engines generate; the results are in `last_results` afterwards."""
@@ -424,14 +430,10 @@ class GLMCluster:
 
     # --- health ------------------------------------------------------------------------------------
 
-    def _is_local(self, rank_info: dict) -> bool:
-        return rank_info["host"] == socket.gethostname()
-
     def _timeout(self, timeout: float | None) -> float:
         """A call's timeout: None means call_timeout; anything else must be seconds > 0."""
-        if timeout is None:
-            return self.call_timeout
-        return _seconds("timeout", timeout, " (pass None for the cluster's call_timeout)")
+        hint = " (pass None for the cluster's call_timeout)"
+        return self.call_timeout if timeout is None else _seconds("timeout", timeout, hint)
 
     def _ensure_alive(self) -> None:
         """Raise EngineDiedError naming the engine if one has gone; call before sending work to the engines.
@@ -460,7 +462,7 @@ class GLMCluster:
         # which the controller notices only later.
         if rank_info["engine"] not in registered:
             return False
-        if not self._is_local(rank_info):
+        if rank_info["host"] != socket.gethostname():
             return True
         try:
             return psutil.Process(rank_info["pid"]).status() != psutil.STATUS_ZOMBIE
