@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from glmkit.evaluation import evaluate  # noqa: E402
 from glmkit.evaluation.lm_eval_model import GLMKitLM, rolling_windows  # noqa: E402
 from glmkit.generate.scoring import Tokens  # noqa: E402
 from glmkit.serve.cluster import GLMCluster  # noqa: E402
@@ -42,7 +43,7 @@ def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the YAMLs' data_files are relative to the repository root, as the shipped ones
 
 
-def evaluate(model, task_manager, tasks, **kwargs):
+def run_lm_eval(model, task_manager, tasks, **kwargs):
     return lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=task_manager, log_samples=True,
                                    bootstrap_iters=0, **kwargs)
 
@@ -60,7 +61,7 @@ def direct_choice(pipeline, context: str, continuations: list[str]) -> tuple[int
 
 
 def test_simple_evaluate_picks_the_choice_score_picks(pipeline, lm, task_manager, at_root):
-    results = evaluate(lm, task_manager, ["glmkit_test_translate_mc"], num_fewshot=1)
+    results = run_lm_eval(lm, task_manager, ["glmkit_test_translate_mc"], num_fewshot=1)
     samples = results["samples"]["glmkit_test_translate_mc"]
     assert len(samples) == 6
     correct = []
@@ -77,7 +78,7 @@ def test_simple_evaluate_picks_the_choice_score_picks(pipeline, lm, task_manager
 
 
 def test_a_context_with_a_mask_has_its_blank_scored(pipeline, lm, task_manager, at_root):
-    samples = evaluate(lm, task_manager, ["glmkit_test_code_blank_mc"])["samples"]["glmkit_test_code_blank_mc"]
+    samples = run_lm_eval(lm, task_manager, ["glmkit_test_code_blank_mc"])["samples"]["glmkit_test_code_blank_mc"]
     for sample in samples:
         context = sample["arguments"][0][0]
         assert "[MASK]" in context
@@ -86,7 +87,7 @@ def test_a_context_with_a_mask_has_its_blank_scored(pipeline, lm, task_manager, 
 
 
 def test_generate_until_is_generate_with_until_as_stop(pipeline, lm, task_manager, at_root):
-    samples = evaluate(lm, task_manager, ["glmkit_test_translate_gen"])["samples"]["glmkit_test_translate_gen"]
+    samples = run_lm_eval(lm, task_manager, ["glmkit_test_translate_gen"])["samples"]["glmkit_test_translate_gen"]
     for sample in samples:
         (context, gen_kwargs), = sample["arguments"]
         text = sample["resps"][0][0]
@@ -143,7 +144,7 @@ def test_rolling_windows_predict_every_token_once_within_the_model():
 
 
 def test_pretrained_model_args_load_the_named_config(task_manager, at_root):
-    results = evaluate("glmkit", task_manager, ["glmkit_test_code_blank_mc"],
+    results = run_lm_eval("glmkit", task_manager, ["glmkit_test_code_blank_mc"],
                        model_args="pretrained=glm-tiny,batch_size=2,progress=False", limit=2)
     assert results["results"]["glmkit_test_code_blank_mc"]["sample_len"] == 2
 
@@ -206,6 +207,25 @@ def test_bad_requests_fail_before_the_model_runs_naming_the_request(lm, kind, ar
     valid = {"loglikelihood": ("a", " b"), "loglikelihood_rolling": ("a",), "generate_until": ("a", {})}[kind]
     with pytest.raises((ValueError, TypeError), match=match.replace("request 0", "request 1")):
         getattr(lm, kind)([request(kind, *valid), request(kind, *args, index=1)])
+
+
+def test_on_the_shipped_task_glmkits_evaluator_and_lm_eval_pick_the_same_choices(pipeline, lm, at_root):
+    """Issue 15's acceptance: stdlib-mc through glmkit.evaluation and glmkit_stdlib_mc (the same jsonl as an
+    lm-eval task) through lm-eval and GLMKitLM give every example the same choice, hence the same accuracy."""
+    ours = evaluate(pipeline, "stdlib-mc", progress=False)
+    manager = TaskManager(include_path=str(ROOT / "configs" / "tasks" / "lm-eval"), include_defaults=False)
+    theirs = run_lm_eval(lm, manager, ["glmkit_stdlib_mc"])
+    samples = theirs["samples"]["glmkit_stdlib_mc"]
+    rows = ours.rows.set_index("example")
+    assert len(samples) == len(rows) == 210
+    for sample in samples:
+        row = rows.loc[sample["doc"]["id"]]
+        lls = [r[0] for r in sample["filtered_resps"]]
+        assert max(range(len(lls)), key=lls.__getitem__) == row["choices"].index(row["prediction"])
+        assert lls == pytest.approx(row["logprobs"], abs=1e-4)
+    assert theirs["results"]["glmkit_stdlib_mc"]["acc,none"] == pytest.approx(ours.summary["accuracy"] @
+                                                                              ours.summary["n"] / 210)
+    assert ours.rows["correct"].mean() > (1 / ours.rows["choices"].map(len)).mean() + 0.2  # well above chance
 
 
 # ----- fuzz -----------------------------------------------------------------------------------------------
