@@ -228,6 +228,21 @@ def test_on_the_shipped_task_glmkits_evaluator_and_lm_eval_pick_the_same_choices
     assert ours.rows["correct"].mean() > (1 / ours.rows["choices"].map(len)).mean() + 0.2  # well above chance
 
 
+def test_on_the_shipped_generation_task_both_give_the_same_answers(pipeline, lm, at_root):
+    """stdlib-completion's first 4 examples of each group: glmkit.evaluation's answer (the filled blank, cut at
+    the newline) and lm-eval's (generate_until, then its strip filter) are the same text."""
+    ours = evaluate(pipeline, "stdlib-completion", progress=False, limit=4).rows.set_index("example")
+    starts = [0, 34, 67]  # where import_name, loop_variable and self_assign begin in the YAML's data files
+    manager = TaskManager(include_path=str(ROOT / "configs" / "tasks" / "lm-eval"), include_defaults=False)
+    docs = [start + i for start in starts for i in range(4)]
+    theirs = run_lm_eval(lm, manager, ["glmkit_stdlib_completion"], samples={"glmkit_stdlib_completion": docs})
+    samples = theirs["samples"]["glmkit_stdlib_completion"]
+    assert sorted(s["doc"]["id"] for s in samples) == sorted(ours.index)
+    for sample in samples:
+        assert sample["filtered_resps"][0] == ours.loc[sample["doc"]["id"], "prediction"]
+    assert theirs["results"]["glmkit_stdlib_completion"]["exact_match,strip"] == pytest.approx(ours["exact"].mean())
+
+
 # ----- fuzz -----------------------------------------------------------------------------------------------
 
 _ALPHABET = list("abcxyz ():=.,_\n\t") + ["  ", "é", "中", "\U0001f600", "[MASK]", "[gMASK]", "[sMASK]", "[mask]"]

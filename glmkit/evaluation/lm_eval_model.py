@@ -10,6 +10,9 @@
 Importing this module registers the class as lm-eval's model "glmkit", so `simple_evaluate(model="glmkit",
 model_args="pretrained=glm-tiny")` loads a GLMPipeline from a glmkit config (lm-eval's own command line never
 imports glmkit, so there the name is unknown). Needs the optional extra: `pip install 'glmkit[lm-eval]'`.
+lm-eval reads a local task's data with the datasets library; on a machine without network set
+HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 before importing lm_eval (datasets reads them at import; glmkit
+sets no environment variables itself).
 
 How GLM answers lm-eval's three questions (the GLM-130B conventions of glmkit.generate.scoring):
 - `loglikelihood(context, continuation)`: the context attends both ways; the continuation is read causally
