@@ -3,7 +3,8 @@
     python scripts/make_eval_tasks.py [--out configs/tasks]
 
 Every item comes from a rule over the stdlib's source (Python 3.11.7, the demo model's corpus); none is
-chosen by asking a model. The demo model's 60 held-out files (docs/demo-model/training_log.json) are used
+chosen by asking a model. Contexts are at most 90 tokens of the demo tokenizer, so that a 4-shot prompt
+(five contexts) fits the demo model's 512 positions. The demo model's 60 held-out files (docs/demo-model/training_log.json) are used
 first; where they hold too few items of a kind, training files fill up the rest, in a fixed order (the
 SHA-256 of the item's id), and each item says which (`source`: heldout or train).
 
@@ -15,7 +16,8 @@ Multiple choice (configs/tasks/stdlib-mc/, GLM-130B's `type: mul`), the blank is
   first_param    a method's first parameter (`def name([MASK], ...)`) under its class line and decorators,
                  with two body lines; choices self, cls and one more name (the true one when it is neither).
                  Half the items are `self`, half are not (classmethods, staticmethods, __new__ ...).
-Generation (configs/tasks/stdlib-completion/, `type: gen`), greedy, stop at a newline, exact match:
+Generation (configs/tasks/stdlib-completion/, `type: gen`), greedy, stop at a space or newline (each answer
+is one name), exact match:
   import_name    `import [MASK]` where a line at most 12 lines below uses `NAME.attribute`.
   loop_variable  `for [MASK] in ...:` where one of the next three body lines uses the variable.
   self_assign    `self.attr = [MASK]` in an `__init__` whose parameter it is, with the lines above it.
@@ -36,13 +38,15 @@ import sysconfig
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from glmkit.config import REPO_ROOT
+from glmkit.config import REPO_ROOT, load_config
 from glmkit.generate.blanks import check_masks
+from glmkit.tokenizer import GLMTokenizer
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "encodings", "__pycache__"}  # as train_demo_model.py
 TRAINING_LOG = REPO_ROOT / "docs" / "demo-model" / "training_log.json"
 MASK = "[MASK]"
 MAX_LINE = 100  # longer lines make long prompts: k-shot prompts must fit the demo model's 512 positions
+MAX_TOKENS = 90  # a context's tokens (demo tokenizer): a 4-shot prompt (five contexts) then fits 512
 COUNTS = {"import_module": 150, "first_param": 60, "import_name": 34, "loop_variable": 33, "self_assign": 33}
 MIN_MODULE_USES = 20  # a distractor module is one that at least this many stdlib `from X import` lines name
 PER_MODULE = 3  # import_module items with the same true module, at most (the tests import _testcapi a lot)
@@ -291,6 +295,8 @@ file-pattern:
 GEN_YAML = """\
 # GLM-130B task format (THUDM/GLM-130B evaluation/): written by scripts/make_eval_tasks.py, do not edit.
 # Code completions: greedy (BaseStrategy) generation of the [MASK] blank; `stop` is glmkit's own key.
+# Every answer is one name, so generation stops at a space or a newline (the demo model, trained on blanks of
+# about three words, otherwise runs on past the name: "pattern in pattern").
 name: stdlib-completion
 type: gen
 path: .
@@ -300,7 +306,7 @@ file-pattern:
   self_assign: self_assign.jsonl
 sampling_strategy: BaseStrategy
 max_gen_length: 8
-stop: ["\\n"]
+stop: [" ", "\\n"]
 """
 LM_EVAL_MC = """\
 # lm-evaluation-harness task: written by scripts/make_eval_tasks.py. Run lm_eval from the repository root
@@ -357,7 +363,7 @@ fewshot_config:
   doc_to_target: "{{{{inputs_pretokenized | replace('[MASK]', targets_pretokenized[0])}}}}"
   target_delimiter: ""
 generation_kwargs:
-  until: ["\\n"]
+  until: [" ", "\\n"]
   max_gen_toks: 8
   do_sample: false
 filter_list:
@@ -384,12 +390,17 @@ def main(argv: list[str] | None = None) -> None:
     if python != recipe["corpus"]["python"]:
         raise SystemExit(f"run this with Python {recipe['corpus']['python']} (the demo model's stdlib), not {python}")
     files = stdlib_sources(set(recipe["corpus"]["heldout"]["paths"]))
+    tokenizer = GLMTokenizer.load(load_config("glm-tiny").tokenizer)
+
+    def short(items: list[dict]) -> list[dict]:
+        return [it for it in items if len(tokenizer.encode_with_masks(it["inputs_pretokenized"])) <= MAX_TOKENS]
+
     chosen = {
-        "import_module": pick(import_module_items(files), COUNTS["import_module"], PER_MODULE),
-        "first_param": pick_first_params(first_param_items(files), COUNTS["first_param"]),
-        "import_name": pick(import_name_items(files), COUNTS["import_name"]),
-        "loop_variable": pick(loop_variable_items(files), COUNTS["loop_variable"]),
-        "self_assign": pick(self_assign_items(files), COUNTS["self_assign"]),
+        "import_module": pick(short(import_module_items(files)), COUNTS["import_module"], PER_MODULE),
+        "first_param": pick_first_params(short(first_param_items(files)), COUNTS["first_param"]),
+        "import_name": pick(short(import_name_items(files)), COUNTS["import_name"]),
+        "loop_variable": pick(short(loop_variable_items(files)), COUNTS["loop_variable"]),
+        "self_assign": pick(short(self_assign_items(files)), COUNTS["self_assign"]),
     }
     layout = {"stdlib-mc": ["import_module", "first_param"],
               "stdlib-completion": ["import_name", "loop_variable", "self_assign"]}

@@ -69,26 +69,30 @@ def _where(task: Task, unit: Unit) -> str:
     return f"{task.rows['where'].iloc[unit.position]} (template {unit.template!r}, {unit.k} shots)"
 
 
-def check_lengths(backend, task: Task, units: list[Unit], settings: dict) -> None:
-    """TaskError naming the first example whose prompt (with its longest choice) overruns the model."""
+def check_lengths(backend, task: Task, units: list[Unit], append_eos: bool = False) -> None:
+    """TaskError naming the first example whose prompt (with its longest choice) overruns the model, counted
+    as score() and generate() count (the mask, eos and sop GLM adds)."""
     tokenizer, limit = getattr(backend, "tokenizer", None), _max_length(backend, task)
     if tokenizer is None or limit is None:
         return
     choice_tokens: dict[str, int] = {}
     for unit in units:
         try:
-            n = len(tokenizer.encode_with_masks(unit.prompt)) + (0 if MASK_PATTERN.search(unit.prompt) else 1)
+            n = len(tokenizer.encode_with_masks(unit.prompt))
         except ValueError as error:
             raise TaskError(f"{_where(task, unit)}: {error}") from None
+        blank = MASK_PATTERN.search(unit.prompt)
+        n += 0 if blank else 1  # the mask GLM appends
         if task.kind == "mul":
+            n += 1 if append_eos and blank and not unit.prompt.endswith(blank.group()) else 0
             choices = task.rows["choices"].iloc[unit.position]
             for c in choices:
                 if c not in choice_tokens:
                     choice_tokens[c] = len(tokenizer.encode(c))
-            n += 1 + max(choice_tokens[c] for c in choices)  # sop, then the longest choice
+            n += max(choice_tokens[c] for c in choices)  # sop, then the choice less its last token
             what = "with its longest choice"
         else:
-            n += 2  # eos after a mid-text blank, sop
+            n += (1 if blank and not unit.prompt.endswith(blank.group()) else 0) + 1  # eos, sop
             what = "before any generated token"
         if n > limit:
             raise TaskError(f"{_where(task, unit)}: field 'inputs' makes a prompt of {n} tokens {what}; the model "
@@ -107,6 +111,15 @@ def _settings(task: Task, generation: dict | None) -> dict:
     except (TypeError, ValueError) as error:
         raise TaskError(f"generation settings: {error}") from None
     return settings
+
+
+def _score_options(options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"append_eos", "include_end", "batch_tokens"})
+    if unknown:
+        raise TaskError(f"score_options: unknown {unknown}; known: append_eos, include_end, batch_tokens "
+                        f"(unidirectional and use_task_mask are the task's own)")
+    return options
 
 
 def _check_call(backend, task, by, batch_size, seed, progress, should_abort) -> None:
@@ -133,18 +146,21 @@ def _check_call(backend, task, by, batch_size, seed, progress, should_abort) -> 
 # ----- model calls ------------------------------------------------------------------------------------
 
 def _call(task: Task, unit: Unit, settings: dict) -> dict:
-    """What decides the model's output for `unit` (the cache key's contents)."""
+    """What decides the model's output for `unit` (the cache key's contents); `settings` are the generation
+    settings, or the score options."""
     if task.kind == "mul":
         return {"call": "score", "prompt": unit.prompt, "choices": list(task.rows["choices"].iloc[unit.position]),
-                "unidirectional": task.unidirectional, "use_task_mask": unit.use_task_mask}
+                "unidirectional": task.unidirectional, "use_task_mask": unit.use_task_mask,
+                "options": {k: v for k, v in settings.items() if k != "batch_tokens"}}  # speed only
     return {"call": "generate", "prompt": unit.prompt, "settings": settings, "stops": list(unit.stops),
             "answer_stops": list(unit.answer_stops)}
 
 
-def _score(backend, task: Task, units: list[Unit]) -> list[dict]:
+def _score(backend, task: Task, units: list[Unit], options: dict) -> list[dict]:
     contexts = [u.prompt for u in units]
     choices = [list(task.rows["choices"].iloc[u.position]) for u in units]
-    out = backend.score(contexts, choices, unidirectional=task.unidirectional, use_task_mask=units[0].use_task_mask)
+    out = backend.score(contexts, choices, unidirectional=task.unidirectional, use_task_mask=units[0].use_task_mask,
+                        **options)
     if not isinstance(out, list) or len(out) != len(units) or any(
             not isinstance(o, list) or len(o) != len(c) for o, c in zip(out, choices)):
         raise RuntimeError(f"backend.score returned {type(out).__name__} of the wrong shape: one list of scores "
@@ -227,7 +243,7 @@ def _result(task, units, finished, by, complete, stopped, cached, notes) -> Eval
 def evaluate(backend, task, *, templates=None, shots=0, seed: int = 0, batch_size: int = 8,
              cache: EvalCache | str | None = None, model_id: str | None = None, progress: bool = True,
              should_abort: Callable[[], bool] | None = None, by: list[str] | tuple[str, ...] = (),
-             template_examples: bool = False, generation: dict | None = None,
+             template_examples: bool = False, generation: dict | None = None, score_options: dict | None = None,
              limit: int | None = None) -> EvalResult:
     """Evaluate `task` (a Task or what load_task reads) on `backend` for every template and k in `shots`;
     see glmkit.evaluation for the options."""
@@ -237,11 +253,12 @@ def evaluate(backend, task, *, templates=None, shots=0, seed: int = 0, batch_siz
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be an integer >= 1 (examples per group), got {limit!r}")
-        keep = task.rows["split"].eq("train") | (task.rows.groupby("group").cumcount() < limit)
+        train = task.rows["split"].eq("train")
+        keep = train | (task.rows[~train].groupby("group").cumcount() < limit).reindex(task.rows.index, fill_value=False)
         task = dataclasses.replace(task, rows=task.rows[keep].reset_index(drop=True))
-    settings = _settings(task, generation) if task.kind == "gen" else {}
+    settings = _settings(task, generation) if task.kind == "gen" else _score_options(score_options)
     units = build_units(task, resolve_templates(templates), check_shots(shots), seed, template_examples)
-    check_lengths(backend, task, units, settings)
+    check_lengths(backend, task, units, bool((score_options or {}).get("append_eos", False)))
 
     identity = model_identity(backend, model_id)
     notes = [] if identity is not None else ["no cache: the backend has no config; pass model_id= to cache"]
@@ -266,7 +283,7 @@ def evaluate(backend, task, *, templates=None, shots=0, seed: int = 0, batch_siz
                 break
             started = time.perf_counter()
             try:
-                outputs = _score(backend, task, [units[i] for i in batch]) if task.kind == "mul" else \
+                outputs = _score(backend, task, [units[i] for i in batch], settings) if task.kind == "mul" else \
                     _generate(backend, task, [units[i] for i in batch], settings, should_abort)
             except Exception as error:  # KeyboardInterrupt is no Exception: it ends the loop below
                 partial = _result(task, units, finished, by, False, f"error: {error}", cached, notes)

@@ -94,7 +94,9 @@ class Task:
 # ----- rows ---------------------------------------------------------------------------------------------
 
 def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    if value is None or value is pd.NA:
+        return True
+    return isinstance(value, float) and math.isnan(value)
 
 
 def _text(value, where: str, name: str, allow_empty: bool = True) -> str:
@@ -278,6 +280,12 @@ def from_frame(frame: pd.DataFrame, *, name: str = "task", kind: str | None = No
     return Task(name, kind, rows, source="DataFrame", **options)
 
 
+def from_records(records: list[dict], *, name: str = "task", kind: str | None = None, **options) -> Task:
+    """A task from a list of example dicts (fields as the module docstring lists them)."""
+    rows, kind = build_rows([(f"row {i}", name, name, r) for i, r in enumerate(records)], kind, f"task {name!r}")
+    return Task(name, kind, rows, source="records", **options)
+
+
 def from_csv(path: Path, *, name: str | None = None, kind: str | None = None, **options) -> Task:
     """A task from a CSV file (choices / targets as JSON lists in their cells)."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -299,15 +307,17 @@ def _with_source(task: Task, source: str) -> Task:
 
 
 def load_task(source, *, kind: str | None = None, name: str | None = None, **options) -> Task:
-    """A Task from a DataFrame, a .csv / .jsonl / .json file, a GLM-130B task .yaml, or a shipped task's
-    name ("stdlib-mc", "stdlib-completion"); a Task is returned as it is."""
+    """A Task from a DataFrame, a list of example dicts, a .csv / .jsonl / .json file, a GLM-130B task .yaml,
+    or a shipped task's name ("stdlib-mc", "stdlib-completion"); a Task is returned as it is."""
     if isinstance(source, Task):
         return source
     if isinstance(source, pd.DataFrame):
         return from_frame(source, name=name or "task", kind=kind, **options)
+    if isinstance(source, (list, tuple)):
+        return from_records(list(source), name=name or "task", kind=kind, **options)
     if not isinstance(source, (str, Path)):
-        raise TaskError(f"load_task takes a DataFrame, a file path or a shipped task's name, got "
-                        f"{type(source).__name__}")
+        raise TaskError(f"load_task takes a DataFrame, a list of example dicts, a file path or a shipped task's "
+                        f"name, got {type(source).__name__}")
     path = Path(source).expanduser()
     if not path.exists() and (TASK_DIR / str(source)).is_dir():
         path = TASK_DIR / str(source)
