@@ -293,12 +293,12 @@ class EvalWidget(Tool):
 
 
 def _units(task: Task, options: dict) -> int:
-    """How many prompts evaluate() makes: the evaluated rows (`limit` per group) x templates x k values."""
-    rows = task.rows
-    evaluated = rows["split"].ne("train")
+    """How many prompts evaluate() makes: the evaluated rows (the first `limit` of each group) x templates x k."""
+    rows = task.rows[task.rows["split"].ne("train")]
+    counts = rows.groupby("group").size()
     if options["limit"] is not None:
-        evaluated &= rows.groupby("group").cumcount() < options["limit"]
-    return int(evaluated.sum()) * len(options["templates"]) * len(options["shots"])
+        counts = counts.clip(upper=options["limit"])
+    return int(counts.sum()) * len(options["templates"]) * len(options["shots"])
 
 
 __all__ = ["EvalWidget", "shipped_tasks", "parse_shots", "summary_html", "failure_html"]
