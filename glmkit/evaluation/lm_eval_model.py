@@ -250,7 +250,10 @@ class GLMKitLM(LM):
         room = self.max_length - SCORE_OVERHEAD - continuation_tokens
         if len(ids) <= room:
             return ids
-        if not self.truncation or room < 1:
+        if room < 1:
+            raise ValueError(f"{_describe(index, request)}: a continuation of {continuation_tokens} tokens leaves no "
+                             f"room for a context in the model's {self.max_length} positions: shorten the choices")
+        if not self.truncation:
             raise ValueError(
                 f"{_describe(index, request)}: the context ({len(ids)} tokens) and its longest continuation "
                 f"({continuation_tokens}) take {len(ids) + continuation_tokens + SCORE_OVERHEAD} positions with "
