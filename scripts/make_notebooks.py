@@ -10,7 +10,7 @@ checks them):
 - GPU-only cells are tagged `gpu`, start with `# GPU only` and are guarded by `torch.cuda.is_available()`,
   so on a CPU they run and do nothing;
 - a notebook that starts a cluster closes it in its last cell, tagged `teardown`; where the notebook leaves a tool
-  on screen (02, 03), that cell closes only once the user sets `DONE = True`, so Run All keeps the tool usable.
+  on screen (02, 03, 09), that cell closes only once the user sets `DONE = True`, so Run All keeps the tool usable.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from notebook_cells import (n01_quickstart, n02_prompt_playground, n03_few_shot, n04_blank_infilling,  # noqa: E402
-                            n05_tokenizer_quirks, n06_checkpoints, n07_tokenomics)
+                            n05_tokenizer_quirks, n06_checkpoints, n07_tokenomics, n09_evaluate)
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
@@ -40,6 +40,7 @@ NOTEBOOKS = {
     "05-tokenizer-quirks.ipynb": n05_tokenizer_quirks.CELLS,
     "06-checkpoints.ipynb": n06_checkpoints.CELLS,
     "07-tokenomics.ipynb": n07_tokenomics.CELLS,
+    "09-evaluate.ipynb": n09_evaluate.CELLS,
 }
 
 

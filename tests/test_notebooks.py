@@ -35,6 +35,8 @@ EXPECTED_OUTPUT = {
     "05-tokenizer-quirks.ipynb": ["characters per token", "newline", "<0xF0>"],
     "06-checkpoints.ipynb": ["2 -> 1 shard(s)", "1 -> 4 shard(s)", "identical: True"],
     "07-tokenomics.ipynb": ["self-hosted / API cost ratio", "break_even_batch", "dollars_per_1m", "cost_by_batch.csv"],
+    "09-evaluate.ipynb": ["import_module k=0: accuracy", "beats chance", "en-de-bare", "accuracy_median",
+                          "from the cache", "lm-eval and glmkit.evaluation: the same choice on 80 of 80"],
 }
 
 
@@ -107,7 +109,7 @@ def output_text(output) -> str:
 # Notebooks whose tools must still be open and usable after a top-to-bottom run (Run All): a cell run after
 # the last one, in the same kernel, prints a line saying so; then it does what the notebook tells the user
 # to do when done (DONE = True in the clean-up cell), which must close the tool and stop the engines.
-STILL_OPEN = {"02-prompt-playground.ipynb": "playground", "03-few-shot.ipynb": "fewshot"}
+STILL_OPEN = {"02-prompt-playground.ipynb": "playground", "03-few-shot.ipynb": "fewshot", "09-evaluate.ipynb": "tool"}
 STILL_OPEN_PROBE = """\
 print("after Run All:", "widget open" if {tool}.root.comm is not None else "widget closed",
       len(cluster.status()), "engines")
@@ -138,7 +140,7 @@ def run_notebook(path: Path, probe: str | None = None) -> tuple[nbformat.Noteboo
 
 # ----- the committed files ------------------------------------------------------------------------------
 
-def test_there_are_the_seven_tutorials():
+def test_there_are_the_tutorials():
     assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED_OUTPUT)
 
 

@@ -46,3 +46,8 @@ def test_setup_script_installs_the_no_deps_packages_without_dependencies():
     script = (ROOT / "scripts" / "setup.sh").read_text()
     for requirement in _pyproject()["tool"]["glmkit"]["no-deps"]:
         assert re.search(r"--no-deps\s+\"?" + re.escape(requirement), script), requirement
+
+
+def test_the_lm_eval_extra_is_tested():
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert extras["lm-eval"] and set(extras["lm-eval"]) <= set(extras["test"])  # CI runs the real tool

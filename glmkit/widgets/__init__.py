@@ -3,6 +3,8 @@
 Each tool takes a *backend*: anything with `.tokenizer` (a GLMTokenizer) and
 `.generate(prompts, *, on_text=None, should_abort=None, **settings)` — a `GLMPipeline` in this process,
 or the multi-GPU cluster. Display a tool by making it the last expression of a cell.
+The evaluation tool is `glmkit.widgets.evaluate.EvalWidget` (not imported here: glmkit.evaluation, which it
+runs, imports the few-shot templates of this package).
 """
 from .fewshot import FewShot
 from .inspector import TokenInspector
