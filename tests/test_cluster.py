@@ -101,7 +101,22 @@ def test_a_failure_on_one_rank_is_raised_naming_it_and_engines_stay_usable(clust
     assert cluster.generate("Hello", max_new_tokens=2).num_generated_tokens == 2
 
 
+@dataclass(frozen=True)
+class Carrying:
+    """Carries `value` to the engines."""
+
+    value: object
+    reduction: ClassVar[str] = "rank0"
+    needs_model: ClassVar[bool] = False
+
+    def run(self, worker, channel) -> None:
+        return None
+
+
 def test_a_request_the_engines_cannot_unpickle_fails_that_call_alone(cluster, monkeypatch):
+    with pytest.raises(TypeError, match="pickle"):  # fails here, before any engine is sent anything
+        cluster.call(Carrying(threading.Lock()))
+    assert cluster._call_id is None
     # As a request kind defined in a notebook's own module: the notebook pickles it, the engines cannot load it.
     monkeypatch.setattr(Nothing, "__module__", "notebook_only")
     monkeypatch.setitem(sys.modules, "notebook_only", types.SimpleNamespace(Nothing=Nothing))

@@ -36,7 +36,7 @@ TINY = GLMConfig(num_layers=1, hidden_size=64, num_attention_heads=4, inner_hidd
                  max_sequence_length=256)
 # Notebook-side methods whose time per call is reported ("module:Class.method"), old and new call paths.
 PROBES = ["glmkit.serve.cluster:GLMCluster._ensure_alive", "glmkit.serve.cluster:GLMCluster._check_alive",
-          "ipyparallel.client.view:DirectView.apply_async", "ipyparallel.client.asyncresult:AsyncResult.wait",
+          "ipyparallel.client.view:View.apply_async", "ipyparallel.client.asyncresult:AsyncResult.wait",
           "ipyparallel.client.asyncresult:AsyncResult.get", "ipyparallel.client.client:Client.purge_local_results",
           "glmkit.serve.channel:ClientChannel.send", "glmkit.serve.channel:ClientChannel.receive"]
 

@@ -368,7 +368,11 @@ class GLMCluster(ProbeCalls):
         timeout = self._timeout(timeout)
         call_id = uuid.uuid4().hex
         self._call_id = call_id
-        pending = self._channel.send(call_id, request, stream)
+        try:
+            pending = self._channel.send(call_id, request, stream)  # a request that cannot be pickled fails here
+        except BaseException:
+            self._call_id = None
+            raise
         deadline, stopping, checked = time.monotonic() + timeout, False, time.monotonic()
         try:
             while not pending.done:
