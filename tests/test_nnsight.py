@@ -1,0 +1,137 @@
+"""nnsight interop: glmkit's GLM is a plain nn.Module, so `nnsight.NNsight(pipeline.model)` traces it.
+
+The model input comes from glmkit's own `plan_prompt` and `prefill_inputs` (the GLM mask and pinned positions),
+what nnsight saves is compared with glmkit's own capture (a plain forward hook), and a patch written in nnsight
+must give exactly the logits of the same patch done with a hook. NNsight instruments every module of the model it
+wraps, in place and for good (a `forward` attribute, inert outside a trace), so these tests wrap a copy of the
+session's demo model; importing nnsight also adds `.save` to every object in this process, which nothing here
+or in glmkit looks for.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from glmkit.generate.blanks import plan_prompt
+from glmkit.generate.pipeline import GLMPipeline
+from glmkit.generate.tokens import Context, prefill_inputs
+
+CLEAN = "def [MASK](self, other):\n    return self.value + other.value"
+CORRUPTED = "def [MASK](self, other):\n    return self.count + other.count"  # same length, other names
+LAYER = 3
+
+
+@pytest.fixture(scope="module")
+def nnsight():
+    if importlib.util.find_spec("nnsight") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the nnsight tests, but nnsight is not installed: pip install -e '.[test]'",
+                        pytrace=False)
+        pytest.skip("nnsight is not installed: pip install -e '.[test]'")
+    import nnsight
+
+    return nnsight
+
+
+@pytest.fixture(scope="module")
+def wrapped(pipeline, nnsight):
+    """A copy of the demo model in its own pipeline, and that model wrapped by nnsight."""
+    model = copy.deepcopy(pipeline.model)
+    return GLMPipeline(model, pipeline.tokenizer), nnsight.NNsight(model)
+
+
+def model_inputs(pipeline, prompt: str):
+    """ids, positions and the (1, 1, s, s) GLM mask of a one-blank prompt, as glmkit's generation builds them."""
+    tokenizer = pipeline.tokenizer
+    plan = plan_prompt(tokenizer, prompt, pipeline.model.config.max_sequence_length)
+    pinned = None if plan.uses_gmask else plan.tokens.index(tokenizer.mask_ids[plan.mask_name])
+    ids, positions, allowed, _ = prefill_inputs([Context(plan.tokens + (tokenizer.sop_id,), pinned)], "cpu")
+    return ids, positions, allowed
+
+
+def hooked_forward(model, inputs, layer: int, replace=None):
+    """glmkit's own capture: the logits and block `layer`'s output pair (y, m) through a plain forward hook;
+    `replace(output) -> output` edits that output on its way to the next block."""
+    captured = {}
+
+    def hook(module, args, output):
+        captured["block"] = tuple(t.clone() for t in output)
+        return replace(output) if replace is not None else None
+
+    handle = model.transformer.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = model(*inputs)
+    finally:
+        handle.remove()
+    return logits, captured["block"]
+
+
+def test_nnsight_saves_the_block_output_that_a_forward_hook_sees(pipeline, wrapped):
+    local, traced = wrapped
+    inputs = model_inputs(local, CLEAN)
+    logits, (y, m) = hooked_forward(local.model, inputs, LAYER)
+    with torch.no_grad(), traced.trace(*inputs):
+        block = traced.transformer.layers[LAYER].output.save()
+        # The next block's first input is this block's pair: y (normalised, scaled by alpha there) and m.
+        following = traced.transformer.layers[LAYER + 1].input_layernorm.inputs.save()
+        saved_logits = traced.output.save()
+    assert isinstance(block, tuple) and len(block) == 2
+    assert torch.equal(block[0], y) and torch.equal(block[1], m)
+    args, _ = following
+    assert torch.equal(args[0], y) and torch.equal(args[1], m)
+    assert torch.equal(saved_logits, logits)
+    # The residual stream after the block, as the next LayerNorm adds it up: (1, s, hidden).
+    residual = block[0] * local.model.config.deepnorm_alpha + block[1]
+    assert residual.shape == (1, inputs[0].shape[1], local.model.config.hidden_size)
+
+
+def test_an_nnsight_patch_gives_the_logits_of_the_same_patch_done_with_a_hook(wrapped):
+    local, traced = wrapped
+    clean, corrupted = model_inputs(local, CLEAN), model_inputs(local, CORRUPTED)
+    assert clean[0].shape == corrupted[0].shape and not torch.equal(clean[0], corrupted[0])
+    position = int((clean[0][0] != corrupted[0][0]).nonzero()[0])  # the first 'value', now 'count'
+    clean_logits, _ = hooked_forward(local.model, clean, LAYER)
+    corrupted_logits, (cy, cm) = hooked_forward(local.model, corrupted, LAYER)
+
+    def patch(output):
+        y, m = (t.clone() for t in output)
+        y[:, position], m[:, position] = cy[:, position], cm[:, position]
+        return y, m
+
+    expected, _ = hooked_forward(local.model, clean, LAYER, replace=patch)
+    with torch.no_grad(), traced.trace(*clean):
+        block = traced.transformer.layers[LAYER].output
+        block[0][:, position] = cy[:, position]  # in place, as nnsight edits a value on its way
+        block[1][:, position] = cm[:, position]
+        patched = traced.output.save()
+    assert torch.equal(patched, expected)
+    last = -1  # sop: where the blank's first token is predicted
+    assert not torch.allclose(patched[0, last], clean_logits[0, last])  # the patch changed the prediction
+    with torch.no_grad(), traced.trace(*clean):  # the whole pair replaced: the corrupted run from here on
+        traced.transformer.layers[LAYER].output = (cy, cm)
+        replaced = traced.output.save()
+    assert torch.equal(replaced, corrupted_logits)
+
+
+def test_nnsight_reads_attention_probabilities_inside_the_attention_module(wrapped):
+    local, traced = wrapped
+    inputs = model_inputs(local, CLEAN)
+    with torch.no_grad(), traced.trace(*inputs):
+        # attention_probabilities is a function the forward calls, reached through nnsight's source view.
+        probs = traced.transformer.layers[2].attention.source.attention_probabilities_0.output.save()
+    s = inputs[0].shape[1]
+    assert probs.shape == (1, local.model.config.num_attention_heads, s, s)
+    allowed = inputs[2].expand_as(probs)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    assert probs[~allowed].max() < 1e-30 and probs[allowed].min() > 0  # the GLM mask, as glmkit built it
+
+
+def test_wrapping_changes_no_generation(pipeline, wrapped):
+    local, _ = wrapped
+    settings = dict(max_new_tokens=6)
+    assert local.generate(CLEAN, **settings).text == pipeline.generate(CLEAN, **settings).text
