@@ -203,6 +203,11 @@ def test_attention_view_takes_one_layer_a_4d_array_or_the_models_4d_mask():
     both = AttentionView(probs, TOKENS, mask, layer=0, head=1)
     np.testing.assert_allclose(both.matrix(), probs[0, 1], rtol=1e-6)
     assert masked_runs(np.array([[True, False, False, True, False]])) == [(0, 1, 2), (0, 4, 1)]
+    rows = AttentionView(probs[:, :, [1, 5]], TOKENS, mask[[1, 5]], queries=[1, 5])  # two query rows
+    assert rows.query_tokens == [" ", "<sop>"] and rows.top_keys(0)[0][0] in range(4)
+    assert [t.get_text() for t in rows.figure().axes[0].get_yticklabels()] == ["▁", "<sop>"]
+    with pytest.raises(ValueError, match=r"queries must give the position \(0..5\) of each of the 2 query rows"):
+        AttentionView(probs[:, :, [1, 5]], TOKENS, mask[[1, 5]], queries=[1, 6])
 
 
 @pytest.mark.parametrize("args, error, message", [
@@ -214,7 +219,7 @@ def test_attention_view_takes_one_layer_a_4d_array_or_the_models_4d_mask():
     (lambda p, m: ({0: p[0], 1: p[1, :, :3]}, TOKENS, m), ValueError, r"attention\[1\] has shape"),
     (lambda p, m: ({}, TOKENS, m), ValueError, "attention is an empty mapping"),
     (lambda p, m: ({"a": p[0]}, TOKENS, m), ValueError, "attention's keys must be layer numbers"),
-    (lambda p, m: (p[:, :, :, :4], TOKENS[:4], m[:, :4]), ValueError, "6 queries but 4 keys"),
+    (lambda p, m: (p[:, :, :, :4], TOKENS[:4], m[:, :4]), ValueError, "6 queries but 4 keys: pass queries="),
 ])
 def test_attention_view_refuses_bad_input_naming_the_parameter(args, error, message):
     probs, mask = attention_data()

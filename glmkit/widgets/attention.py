@@ -62,8 +62,6 @@ def check_attention(attention, tokens, mask) -> tuple[dict[int, np.ndarray], lis
         if not np.issubdtype(layers[layer].dtype, np.number):
             raise ValueError(f"attention[{layer}] must hold numbers, got dtype {layers[layer].dtype}")
     _, s, t = first
-    if s > t:
-        raise ValueError(f"attention has {s} queries but {t} keys: queries are the last s of the t positions")
     if isinstance(tokens, str) or not hasattr(tokens, "__len__"):
         raise TypeError(f"tokens must be a list of the {t} token texts, got {type(tokens).__name__}")
     tokens = [str(x) for x in tokens]
@@ -78,6 +76,20 @@ def check_attention(attention, tokens, mask) -> tuple[dict[int, np.ndarray], lis
     if mask.dtype != bool:
         raise ValueError(f"mask must be bool (True: the query may attend to the key), got dtype {mask.dtype}")
     return {layer: layers[layer].astype(np.float32) for layer in sorted(layers)}, tokens, mask
+
+
+def check_queries(queries, s: int, t: int) -> list[int]:
+    """The key position of each of the s query rows: `queries` checked, or the last s of the t positions."""
+    if queries is None:
+        if s > t:
+            raise ValueError(f"attention has {s} queries but {t} keys: pass queries= (the key position of each "
+                             f"query row), or give the attention of queries that are among the keys")
+        return list(range(t - s, t))
+    queries = [int(q) for q in _as_array(queries, "queries").reshape(-1)]
+    if len(queries) != s or not all(0 <= q < t for q in queries):
+        raise ValueError(f"queries must give the position (0..{t - 1}) of each of the {s} query rows, "
+                         f"got {queries}")
+    return queries
 
 
 def masked_runs(mask: np.ndarray) -> list[tuple[int, int, int]]:
@@ -141,11 +153,13 @@ class AttentionView(Tool):
     """Attention probabilities of a layer (selectable) and a head (or their mean) as a heatmap over the
     prompt's tokens; masked query-key pairs are grey and hatched, so "not allowed" never reads as "zero"."""
 
-    def __init__(self, attention, tokens, mask, layer: int | None = None, head: int | str = MEAN):
+    def __init__(self, attention, tokens, mask, layer: int | None = None, head: int | str = MEAN,
+                 queries=None):
         super().__init__()
         self.attention, self.tokens, self.mask = check_attention(attention, tokens, mask)
         heads, s, t = next(iter(self.attention.values())).shape
-        self.query_tokens = self.tokens[t - s:]
+        self.queries = check_queries(queries, s, t)
+        self.query_tokens = [self.tokens[q] for q in self.queries]
         layers = list(self.attention)
         if layer is None:
             layer = layers[-1]
@@ -187,7 +201,8 @@ class AttentionView(Tool):
                                 vmax=1.0 if self.full_scale.value else None)
 
     def top_keys(self, query: int = -1, k: int = TOP_KEYS) -> list[tuple[int, str, float]]:
-        """The k keys the query row attends to most, as (position, token, probability), masked keys left out."""
+        """The k keys that query row `query` attends to most, as (position, token, probability), masked keys
+        left out."""
         row, allowed = self.matrix()[query], self.mask[query]
         order = [j for j in np.argsort(-row, kind="stable") if allowed[j]][:k]
         return [(int(j), self.tokens[j], float(row[j])) for j in order]
@@ -197,7 +212,7 @@ class AttentionView(Tool):
         self.image.value = figure_png(self.figure())
         keys = " · ".join(f"{esc(token_text(token))} ({position}) {p:.2f}" for position, token, p in self.top_keys())
         last = esc(token_text(self.query_tokens[-1]))
-        self.readout.value = (f'<div style="font-size:90%">the last position ({last}) attends most to: '
-                              f"{keys}</div>")
+        self.readout.value = (f'<div style="font-size:90%">the last query, position {self.queries[-1]} ({last}), '
+                              f"attends most to: {keys}</div>")
         self.status.value = info_html(f"{self.title()}: {self.mask.sum()} of {self.mask.size} query-key pairs "
                                       f"allowed by the mask")
