@@ -174,6 +174,7 @@ class AttentionView(Tool):
         self.full_scale = w.Checkbox(False, description="colour scale 0–1 (else 0 to the largest value)",
                                      indent=False, layout=w.Layout(width="auto"))
         self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.image.add_class("glmkit-attention")
         self.readout = w.HTML()
         self.answer_views = [self.readout]
         update = self._guarded(lambda _: self.refresh())

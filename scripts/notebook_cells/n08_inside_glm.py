@@ -1,0 +1,165 @@
+"""Cells of notebooks/08-inside-glm.ipynb."""
+from __future__ import annotations
+
+from .cells import md, code, config, teardown
+
+CELLS = [
+    md("""\
+# 08 · Inside GLM: logit lens, attention, activation patching, nnsight
+
+Generation shows what the model says; this notebook looks at how it gets there, on one blank:
+
+- the **logit lens** reads the residual stream after every block through the model's own final LayerNorm and
+  output embedding: which token would the model predict if it stopped at layer *i*?
+- **attention** shows, per layer and head, which tokens each position reads, under GLM's mask (the context
+  sees itself both ways; from `sop` on, each token sees only what comes before it);
+- **activation patching** copies one activation of a *clean* run into a *corrupted* one and asks how much of
+  the clean answer comes back: where does the model keep what decides it?
+
+glmkit's probes run where the model is: in this kernel for the demo model, or on every engine of the cluster,
+where each rank holds a slice of the heads and of the vocabulary and only small tables travel back. Last,
+**nnsight** traces the same plain `nn.Module`. On a GPU node, change only the next cell."""),
+    config("""\
+CONFIG = "glm-tiny"; CLUSTER = False; ENGINES = 2
+# on a GPU node: CONFIG = "glm-130b"; CLUSTER = True; ENGINES = None (one engine per GPU)"""),
+    code("""\
+import pandas as pd
+import torch
+
+import glmkit
+from glmkit.widgets import AttentionView, LogitLensGrid, PatchingHeatmap
+
+if CLUSTER:
+    from glmkit.serve.cluster import GLMCluster
+
+    glm = GLMCluster(config=CONFIG, n=ENGINES)
+    glm.start()
+    glm.load(glm.config)
+else:
+    glm = glmkit.load(CONFIG)
+tokenizer = glm.tokenizer"""),
+    md("""\
+## The blank
+
+The demo model learnt Python's standard library, and names a method from its body:"""),
+    code("""\
+PROMPT = "def [MASK](self, other):\\n    return self.value + other.value"
+result = glm.generate(PROMPT, max_new_tokens=8)
+fill = result.blanks[0]
+print("fill:", repr(fill.text))
+print("tokens:", [tokenizer.token_text(t) for t in fill.tokens])"""),
+    md("""\
+## The logit lens
+
+`logit_lens` runs the prompt (and, with `max_new_tokens`, the model's own greedy continuation, so the
+generated positions are there too) and applies the final LayerNorm and the output head after every block. In
+the grid, each column is a position — the prediction there is for the *next* token — and each row a layer, the
+top row being the model's output. Hover a cell for the top tokens and their probabilities; with a `target`,
+switch to its probability or rank."""),
+    code("""\
+lens = glm.logit_lens(PROMPT, max_new_tokens=len(fill.tokens), top_k=5, target="get")
+lens_grid = LogitLensGrid(lens)
+lens_grid"""),
+    md("""\
+**In which layer does each token of the fill become the top prediction?** At each position from `sop` on,
+the model predicts the next token of the fill; `first_layer` finds the lowest layer from which that token stays
+on top up to the output."""),
+    code("""\
+sop = lens.sop_index
+rows = []
+for step, token in enumerate(fill.tokens):
+    position = sop + step  # the position whose prediction is token number `step` of the fill
+    text = tokenizer.token_text(token)
+    rows.append({"position": position, "input": lens.tokens[position], "predicts": text,
+                 "first layer": lens_grid.first_layer(position, token_id=token),
+                 "p at the output": float(lens.top.query("position == @position and rank == 1 and "
+                                                          "layer == @lens.layers[-1]")["prob"].iloc[0])})
+pd.DataFrame(rows)"""),
+    md("""\
+## Attention
+
+`trace` reads sites inside the model along the same sequence; `attention_probs` are the probabilities of every
+head. Pick a layer and a head (or their mean); masked query–key pairs are grey and hatched, so "may not look"
+never reads as "looks away". On the cluster each rank computes its own heads and the trace gathers them in
+head order."""),
+    code("""\
+trace = glm.trace(PROMPT, sites="attention_probs", max_new_tokens=len(fill.tokens))
+attention_view = AttentionView.from_trace(trace)
+attention_view"""),
+    md("""\
+## Activation patching
+
+A clean prompt the model answers, and a corrupted one of the same token length that it answers differently.
+Each (layer, position) of the residual stream of the clean run is copied, one at a time, into the corrupted
+run, and the change in log p(clean answer's first token) at `sop` is recorded. Early layers need the
+patch where the word itself is; later, the answer has moved on to the positions that read it."""),
+    code("""\
+CLEAN, CORRUPTED = "English: house\\nGerman:", "English: water\\nGerman:"
+for prompt in (CLEAN, CORRUPTED):
+    print(repr(prompt), "->", repr(glm.generate(prompt, max_new_tokens=4).text[len(prompt):]))
+answer = tokenizer.encode(glm.generate(CLEAN, max_new_tokens=1).blanks[0].text)[-1]
+sweep = glm.patch(CLEAN, CORRUPTED, target=answer, sites=["residual", "attention", "mlp"])
+patching = PatchingHeatmap(sweep)
+patching"""),
+    code("""\
+best = patching.strongest()
+print(f"largest change: {best['logprob_change']:+.2f} nats at layer {best['layer']}, position {best['position']} "
+      f"({best['input_token']!r}) — clean {best['clean_logprob']:.2f}, corrupted {best['corrupted_logprob']:.2f}")"""),
+    md("""\
+## nnsight
+
+glmkit's `GLM` is a plain `nn.Module`, so [nnsight](https://nnsight.net) can trace it: wrap the model, feed it
+what glmkit's generation feeds it (ids, GLM's positions, the GLM mask, from `prefill_inputs`), and read or
+write any module's output by its name in `glmkit/model.py`. nnsight wraps a model in this process, so on the
+cluster this section uses the demo model here (`docs/inside-glm.md` says more). Wrapping instruments the
+modules in place, so it wraps a copy."""),
+    code("""\
+import copy
+
+import nnsight
+
+from glmkit.generate.blanks import plan_prompt
+from glmkit.generate.tokens import Context, prefill_inputs
+
+local = glm if not CLUSTER else glmkit.load("glm-tiny")
+model = copy.deepcopy(local.model)
+traced = nnsight.NNsight(model)
+
+
+def inputs(prompt):
+    plan = plan_prompt(tokenizer, prompt, model.config.max_sequence_length)
+    pinned = None if plan.uses_gmask else plan.tokens.index(tokenizer.mask_ids[plan.mask_name])
+    return prefill_inputs([Context(plan.tokens + (tokenizer.sop_id,), pinned)], "cpu")[:3]
+
+
+clean_inputs = inputs(CLEAN)
+with torch.no_grad(), traced.trace(*clean_inputs):
+    y, m = traced.transformer.layers[3].output  # the block's pair, standing for y * alpha + m
+    residual = (y * model.config.deepnorm_alpha + m).save()
+    clean_logits = traced.output.save()
+
+ours = local.trace(CLEAN, sites="residual", layers=[3]).get("residual", 3)
+print("nnsight's residual after block 3 equals glmkit's trace:", torch.allclose(residual[0], ours, atol=1e-5))"""),
+    md("""\
+A patch in nnsight: the corrupted run, with block 3's output at the word's positions taken from the clean
+run. glmkit's `patch` found the same kind of effect one position at a time."""),
+    code("""\
+with torch.no_grad(), traced.trace(*clean_inputs):
+    clean_pair = [t.clone().save() for t in traced.transformer.layers[3].output]
+
+word = [i for i, (a, b) in enumerate(zip(clean_inputs[0][0].tolist(), inputs(CORRUPTED)[0][0].tolist())) if a != b]
+with torch.no_grad(), traced.trace(*inputs(CORRUPTED)):
+    block = traced.transformer.layers[3].output
+    block[0][:, word] = clean_pair[0][:, word]
+    block[1][:, word] = clean_pair[1][:, word]
+    patched_logits = traced.output.save()
+with torch.no_grad():
+    corrupted_logits = model(*inputs(CORRUPTED))
+
+for name, logits in [("clean", clean_logits), ("corrupted", corrupted_logits), ("corrupted, block 3 patched", patched_logits)]:
+    logprob = torch.log_softmax(logits[0, -1].float(), -1)[answer].item()
+    print(f"{name:>28}: log p({tokenizer.token_text(answer)!r}) = {logprob:.2f}")"""),
+    teardown("""\
+if CLUSTER:
+    glm.close()  # stops the engines; the in-process model goes with the kernel"""),
+]
