@@ -288,6 +288,16 @@ class GLMTokenizer:
             return f"<image_{token_id}>"
         return self._pieces[token_id - NUM_IMAGE_TOKENS]
 
+    def token_text(self, token_id: int) -> str:
+        """What one id stands for on its own, as a label: a word-start piece keeps its space ('▁Haus' ->
+        ' Haus', which `decode` drops at the start of a text), `<n>` is a newline; specials, image ids and
+        byte pieces appear as their names ('<sop>', '<0xE4>')."""
+        token_id = self._check_id(token_id)
+        sp_id = token_id - NUM_IMAGE_TOKENS
+        if sp_id < 0 or self._types[sp_id] in (_CONTROL, _BYTE):
+            return self.id_to_piece(token_id)
+        return self._surface(sp_id)
+
     def piece_to_id(self, piece: str) -> int:
         """The id of a piece (inverse of `id_to_piece`); ValueError if the vocabulary lacks it."""
         image = re.fullmatch(r"<image_(\d+)>", piece)

@@ -232,6 +232,14 @@ def _tokens_within(decoder: _BlankDecoder, tokens: list[int], text: str) -> list
     return tokens[:kept]
 
 
+def non_text_ids(tokenizer) -> torch.Tensor:
+    """Ids a blank never holds (banned in every strategy): image ids and control pieces, except eop and eos,
+    which end a blank."""
+    end_tokens = (tokenizer.eop_id, tokenizer.eos_id)
+    controls = [i for i in tokenizer.control_ids if i not in end_tokens]
+    return torch.cat([torch.arange(NUM_IMAGE_TOKENS), torch.tensor(controls, dtype=torch.long)])
+
+
 def fill_blanks(generator: Generator, tokenizer, plans: tuple[PromptPlan, ...], settings: GenerationSettings,
                 on_text: Callable[[TextEvent], None] | None = None,
                 should_abort: Callable[[], bool] | None = None) -> list[GenerationResult]:
@@ -244,9 +252,7 @@ def fill_blanks(generator: Generator, tokenizer, plans: tuple[PromptPlan, ...], 
     end_tokens = (tokenizer.eop_id, tokenizer.eos_id)
     # Only the prompt's own masks are blanks; what is generated is text (see the module docstring).
     blank_counts = [plan.tokens.count(mask_id) for plan, mask_id in zip(plans, mask_ids)]
-    # Image ids and control pieces are not text; eop and eos stay allowed, they end a blank.
-    controls = [i for i in tokenizer.control_ids if i not in end_tokens]
-    banned = torch.cat([torch.arange(NUM_IMAGE_TOKENS), torch.tensor(controls, dtype=torch.long)])
+    banned = non_text_ids(tokenizer)
     round_number = 0
     while True:
         pending = [i for i, result in enumerate(results) if len(result.blanks) < blank_counts[i]]

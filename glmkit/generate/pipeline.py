@@ -8,6 +8,7 @@ import torch
 
 from ..checkpoint import load_rank_state_dict
 from ..config import KitConfig, load_config
+from ..inspect.calls import ProbeCalls
 from ..model import GLM
 from ..quantization import convert_for_runtime
 from ..tokenizer import GLMTokenizer
@@ -57,8 +58,12 @@ def load_tokenizer(config: KitConfig) -> GLMTokenizer:
     return GLMTokenizer.load(config.tokenizer)
 
 
-class GLMPipeline:
-    """A model and its tokenizer in this process: `generate()` fills blanks in one or more prompts."""
+class GLMPipeline(ProbeCalls):
+    """A model and its tokenizer in this process: `generate()` fills blanks in one or more prompts; `trace()`,
+    `logit_lens()` and `patch()` look inside (glmkit.inspect)."""
+
+    # Where this shard is, said as an engine's ShardWorker says it: the whole model, rank 0 of 1, no group.
+    rank, world_size, group = 0, 1, None
 
     def __init__(self, model: GLM, tokenizer: GLMTokenizer, config: KitConfig | None = None):
         if tokenizer.num_tokens > model.config.vocab_size:
@@ -99,6 +104,13 @@ class GLMPipeline:
     def run(self, request, channel: Channel | None = None):
         """Run any request kind here, as every engine of a cluster would (glmkit.generate.request)."""
         return request.run(self, channel or Channel())
+
+    @property
+    def _probe_config(self):
+        return self.model.config
+
+    def _run_probe(self, request):
+        return self.run(request)
 
 
 def load(config: str | Path | KitConfig = "glm-tiny", **overrides) -> GLMPipeline:

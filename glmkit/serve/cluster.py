@@ -18,7 +18,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable
@@ -33,6 +33,7 @@ from . import engine, watchdog
 from ..config import KitConfig, load_config
 from ..generate.blanks import GenerationResult, TextEvent, check_callbacks
 from ..generate.request import GenerateRequest
+from ..inspect.calls import ProbeCalls
 from ..tokenizer import GLMTokenizer
 
 POLL_S = 0.05
@@ -62,7 +63,7 @@ def _seconds(name: str, value, hint: str = "") -> float:
     return float(value)
 
 
-class GLMCluster:
+class GLMCluster(ProbeCalls):
     """One ipyparallel engine per GPU (or N CPU engines), each keeping its tensor-parallel shard loaded."""
 
     def __init__(self, config: str | Path | KitConfig | None = None, n: int | None = None, *,
@@ -342,6 +343,8 @@ class GLMCluster:
                 events.close()
         return holder["result"]
 
+    _run_probe, _probe_config = call, property(lambda self: self.config.model)  # trace/logit_lens/patch
+
     def _events(self, request, should_abort, timeout, holder: dict, on_progress=None) -> Iterator:
         timeout = self._timeout(timeout)
         call_id = uuid.uuid4().hex
@@ -416,11 +419,9 @@ class GLMCluster:
             self._client.purge_local_results(ar)
 
     def _finish_quietly(self, ar, grace: float = 30.0) -> None:
-        try:
+        with suppress(Exception):
             ar.wait(grace)
             self._client.purge_local_results(ar)
-        except Exception:
-            pass
 
     # --- health ------------------------------------------------------------------------------------
 

@@ -123,6 +123,11 @@ class ShardWorker:
     def model(self):
         return None if self.generator is None else self.generator.model
 
+    @property
+    def group(self):
+        """The process group the model's collectives use (probes combine their per-rank results over it)."""
+        return self.groups.data
+
     def handle(self, call_id: str, request):
         """Run one request on this shard; what it returns follows the request's reduction."""
         if getattr(request, "needs_model", True) and self.generator is None:
