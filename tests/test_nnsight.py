@@ -1,8 +1,9 @@
 """nnsight interop: glmkit's GLM is a plain nn.Module, so `nnsight.NNsight(pipeline.model)` traces it.
 
 The model input comes from glmkit's own `plan_prompt` and `prefill_inputs` (the GLM mask and pinned positions),
-what nnsight saves is compared with glmkit's own capture (a plain forward hook), and a patch written in nnsight
-must give exactly the logits of the same patch done with a hook. NNsight instruments every module of the model it
+what nnsight saves is compared with glmkit's own capture (a plain forward hook, and glmkit's probes: `trace`
+and `patch`), and a patch written in nnsight must give exactly the logits of the same patch done with a hook,
+and the log probability glmkit's patching sweep reports for it. NNsight instruments every module of the model it
 wraps, in place and for good (a `forward` attribute, inert outside a trace), so these tests wrap a copy of the
 session's demo model; importing nnsight also adds `.save` to every object in this process, which nothing here
 or in glmkit looks for.
@@ -129,6 +130,44 @@ def test_nnsight_reads_attention_probabilities_inside_the_attention_module(wrapp
     allowed = inputs[2].expand_as(probs)
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
     assert probs[~allowed].max() < 1e-30 and probs[allowed].min() > 0  # the GLM mask, as glmkit built it
+
+
+def test_nnsight_reads_what_glmkits_probes_read(wrapped):
+    local, traced = wrapped
+    inputs = model_inputs(local, CLEAN)
+    with torch.no_grad(), traced.trace(*inputs):
+        probs = traced.transformer.layers[2].attention.source.attention_probabilities_0.output.save()
+        y, m = traced.transformer.layers[LAYER].output
+        residual = (y * local.model.config.deepnorm_alpha + m).save()
+    ours = local.trace(CLEAN, sites=["residual", "attention_probs"], layers=[2, LAYER])
+    assert ours.ids == inputs[0][0].tolist()  # the probe sees the sequence prefill_inputs builds
+    # The same ops on the same weights: bit for bit.
+    assert torch.equal(residual[0], ours.get("residual", LAYER))
+    assert torch.equal(probs[0], ours.get("attention_probs", 2))
+
+
+def test_an_nnsight_patch_gives_the_log_probability_glmkits_patching_sweep_reports(wrapped):
+    local, traced = wrapped
+    tokenizer = local.tokenizer
+    clean, corrupted = "English: house\nGerman:", "English: water\nGerman:"
+    target = local.generate(clean, max_new_tokens=1).blanks[0].tokens[0]  # the clean answer's first token
+    sweep = local.patch(clean, corrupted, target, sites="residual", layers=[1, 6])
+    clean_inputs, corrupted_inputs = model_inputs(local, clean), model_inputs(local, corrupted)
+    word = int((clean_inputs[0][0] != corrupted_inputs[0][0]).nonzero()[0])  # 'ho' of house, 'wa' of water
+    for layer in (1, 6):
+        with torch.no_grad(), traced.trace(*clean_inputs):
+            clean_y, clean_m = (t.clone().save() for t in traced.transformer.layers[layer].output)
+        with torch.no_grad(), traced.trace(*corrupted_inputs):
+            block = traced.transformer.layers[layer].output
+            block[0][:, word] = clean_y[:, word]
+            block[1][:, word] = clean_m[:, word]
+            logits = traced.output.save()
+        ours = torch.log_softmax(logits[0, -1].float(), dim=-1)[target].item()  # at sop, the first new token
+        row = sweep.query("layer == @layer and position == @word").iloc[0]
+        assert row["input_token"] == tokenizer.token_text(int(clean_inputs[0][0, word]))
+        # The sweep runs its patches as rows of one batch: a batched matmul rounds a little differently.
+        assert ours == pytest.approx(row["patched_logprob"], abs=5e-5)
+    assert sweep.query("position == @word")["logprob_change"].abs().max() > 0.1  # the word matters
 
 
 def test_wrapping_changes_no_generation(pipeline, wrapped):

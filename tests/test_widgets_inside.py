@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from glmkit.widgets import AttentionView, LogitLensGrid, PatchingHeatmap
 from glmkit.widgets.attention import masked_runs
@@ -203,6 +204,8 @@ def test_attention_view_takes_one_layer_a_4d_array_or_the_models_4d_mask():
     both = AttentionView(probs, TOKENS, mask, layer=0, head=1)
     np.testing.assert_allclose(both.matrix(), probs[0, 1], rtol=1e-6)
     assert masked_runs(np.array([[True, False, False, True, False]])) == [(0, 1, 2), (0, 4, 1)]
+    tensors = AttentionView(torch.tensor(probs, dtype=torch.bfloat16), TOKENS, torch.tensor(mask))  # as probes give
+    assert tensors.mask.dtype == bool and np.allclose(tensors.matrix(), probs[1].mean(0), atol=1e-2)
     rows = AttentionView(probs[:, :, [1, 5]], TOKENS, mask[[1, 5]], queries=[1, 5])  # two query rows
     assert rows.query_tokens == [" ", "<sop>"] and rows.top_keys(0)[0][0] in range(4)
     assert [t.get_text() for t in rows.figure().axes[0].get_yticklabels()] == ["▁", "<sop>"]
@@ -233,6 +236,11 @@ def test_attention_view_refuses_a_layer_or_head_it_does_not_have():
         AttentionView(probs, TOKENS, mask, layer=5)
     with pytest.raises(ValueError, match="head must be 'mean' or a head number 0..1"):
         AttentionView(probs, TOKENS, mask, head=2)
+    with pytest.raises(ValueError, match="trace holds no attention probabilities"):
+        AttentionView.from_trace(SimpleNamespace(values={"residual": probs}))
+    for make in (AttentionView.from_backend, LogitLensGrid.from_backend):
+        with pytest.raises(TypeError, match="backend must be a GLMPipeline or a GLMCluster"):
+            make(object(), "x")
 
 
 # ----- PatchingHeatmap ---------------------------------------------------------------------------
@@ -354,3 +362,43 @@ def test_fuzzed_broken_contract_data_is_refused_with_glmkits_errors():
             frame = frame.to_dict("records")
         with pytest.raises((ValueError, TypeError), match="lens.top"):
             LogitLensGrid(SimpleNamespace(top=frame))
+
+
+# ----- on the demo model's probes ---------------------------------------------------------------------
+
+CODE = "def [MASK](self, other):\n    return self.value + other.value"
+
+
+def test_the_widgets_show_the_demo_models_probes(pipeline, tokenizer):
+    fill = pipeline.generate(CODE, max_new_tokens=5).blanks[0].tokens  # ' _get_value': ▁ _ get _ value
+    texts = [tokenizer.token_text(t) for t in fill]
+    grid = LogitLensGrid.from_backend(pipeline, CODE, max_new_tokens=len(fill), top_k=3,
+                                      target=fill[texts.index("get")])  # the id: text "get" reads as '▁get'
+    top_layer, sop = max(grid.layers), grid.tokens.index("<sop>")
+    assert grid.positions == list(range(len(grid.tokens))) and len(grid.tokens) == sop + 1 + len(fill)
+    # The top layer of the lens is the model's own prediction: along the fill, the next token it generated.
+    for step, token in enumerate(fill):
+        shown = grid.cell(top_layer, sop + step)
+        assert shown["text"] == token_text(tokenizer.token_text(token))
+    get = sop + texts.index("get")  # the position that predicts 'get'
+    first = grid.first_layer(get, token="get")
+    assert first is not None and all(grid.cell(layer, get)["token"] == "get" for layer in grid.layers if layer >= first)
+    assert first == min(grid.layers) or grid.cell(first - 1, get)["token"] != "get"
+    grid.view.value = "target rank"
+    assert grid.table().loc[top_layer, get] == "#1"
+
+    view = AttentionView.from_backend(pipeline, CODE, layers=[0, 7])
+    assert list(view.layer.options) == [0, 7] and view.tokens[-1] == "<sop>"
+    np.testing.assert_allclose(view.matrix().sum(-1), 1.0, rtol=1e-5)
+    context = len(view.tokens) - 1  # GLM: everything before sop is context, seen both ways; sop sees all
+    assert view.mask[:, :context].all() and view.mask[-1].all() and np.array_equal(view.mask, glm_mask(
+        context, len(view.tokens)))
+
+    heat = PatchingHeatmap.from_backend(pipeline, "English: house\nGerman:", "English: water\nGerman:",
+                                        target=tokenizer.encode("Haus")[0], layers=[0, 7])
+    self_patch = heat.results.query("layer == 7 and position == @heat.results.position.max()")
+    assert len(self_patch) == 1
+    # At the last block, copying sop's residual copies the clean prediction whole: the clean log p comes back.
+    row = self_patch.iloc[0]
+    assert row["patched_logprob"] == pytest.approx(row["clean_logprob"], abs=1e-4)
+    assert heat.strongest()["logprob_change"] == pytest.approx(row["logprob_change"], abs=1e-4)

@@ -23,7 +23,8 @@ TOP_KEYS = 5
 def _as_array(value, name: str) -> np.ndarray:
     """A numpy array from an array-like or a torch tensor (read through its own methods, so no torch import)."""
     if hasattr(value, "detach"):
-        value = value.detach().float().cpu().numpy()
+        value = value.detach().cpu()
+        value = (value.float() if value.is_floating_point() else value).numpy()  # numpy has no bf16
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as error:
@@ -186,6 +187,30 @@ class AttentionView(Tool):
                       w.HBox([labelled(self.head, "head", width="4em"), self.full_scale]),
                       self.image, self.readout, legend])
         self.refresh()
+
+    @classmethod
+    def from_trace(cls, trace, layer: int | None = None, head: int | str = MEAN) -> "AttentionView":
+        """The attention probabilities of a glmkit `Trace` that read the `attention_probs` site."""
+        values = getattr(trace, "values", None)
+        if not isinstance(values, dict) or "attention_probs" not in values:
+            raise ValueError("trace holds no attention probabilities: make it with "
+                             "backend.trace(prompt, sites='attention_probs')")
+        probs = values["attention_probs"]  # (layers, heads, positions, n)
+        layers = trace.layers["attention_probs"]
+        queries = list(trace.positions)
+        mask = _as_array(trace.allowed, "trace.allowed")[queries]  # (positions, n)
+        return cls({layer_id: probs[i] for i, layer_id in enumerate(layers)}, trace.tokens, mask, layer=layer,
+                   head=head, queries=queries)
+
+    @classmethod
+    def from_backend(cls, backend, prompt: str, *, layer: int | None = None, head: int | str = MEAN,
+                     **trace_options) -> "AttentionView":
+        """Trace `prompt`'s attention probabilities on `backend` (a GLMPipeline or a GLMCluster) and show them;
+        `trace_options` go to `backend.trace` (layers=, positions=, max_new_tokens=)."""
+        if not hasattr(backend, "trace"):
+            raise TypeError(f"backend must be a GLMPipeline or a GLMCluster (with .trace), "
+                            f"got {type(backend).__name__}")
+        return cls.from_trace(backend.trace(prompt, sites="attention_probs", **trace_options), layer, head)
 
     def matrix(self) -> np.ndarray:
         """The (s, t) probabilities shown: the selected head's, or the mean over heads."""

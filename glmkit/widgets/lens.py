@@ -103,6 +103,15 @@ class LogitLensGrid(Tool):
         self._finish(controls + [self.grid, self.legend])
         self.refresh()
 
+    @classmethod
+    def from_backend(cls, backend, prompt: str, *, view: str = "top token", positions: tuple[int, int] | None = None,
+                     **lens_options) -> "LogitLensGrid":
+        """Compute `backend.logit_lens(prompt, **lens_options)` (a GLMPipeline or a GLMCluster) and show it."""
+        if not hasattr(backend, "logit_lens"):
+            raise TypeError(f"backend must be a GLMPipeline or a GLMCluster (with .logit_lens), "
+                            f"got {type(backend).__name__}")
+        return cls(backend.logit_lens(prompt, **lens_options), view=view, positions=positions)
+
     @staticmethod
     def _check_positions(positions, low: int, high: int) -> tuple[int, int]:
         if (not isinstance(positions, (tuple, list)) or len(positions) != 2

@@ -55,6 +55,16 @@ class PatchingHeatmap(Tool):
         self._finish([labelled(self.site, "site", width="4em"), self.grid, legend])
         self.refresh()
 
+    @classmethod
+    def from_backend(cls, backend, clean: str, corrupted: str, target, *, site: str | None = None,
+                     scale: float | None = None, **patch_options) -> "PatchingHeatmap":
+        """Run `backend.patch(clean, corrupted, target, **patch_options)` (a GLMPipeline or a GLMCluster) and
+        show the sweep."""
+        if not hasattr(backend, "patch"):
+            raise TypeError(f"backend must be a GLMPipeline or a GLMCluster (with .patch), "
+                            f"got {type(backend).__name__}")
+        return cls(backend.patch(clean, corrupted, target, **patch_options), site=site, scale=scale)
+
     def rows(self) -> pd.DataFrame:
         """The results of the selected site."""
         return self._by_site[self.site.value]
