@@ -35,7 +35,7 @@ EXPECTED_OUTPUT = {
     "05-tokenizer-quirks.ipynb": ["characters per token", "newline", "<0xF0>"],
     "06-checkpoints.ipynb": ["2 -> 1 shard(s)", "1 -> 4 shard(s)", "identical: True"],
     "07-tokenomics.ipynb": ["self-hosted / API cost ratio", "break_even_batch", "dollars_per_1m", "cost_by_batch.csv"],
-    "08-inside-glm.ipynb": ["fill: ' _get_value'", "first layer", "largest change:",
+    "08-inside-glm.ipynb": ["fill: '_get_value'", "rank of 'get' by layer", "where the answer lives",
                             "nnsight's residual after block 3 equals glmkit's trace: True",
                             "corrupted, block 3 patched: log p"],
 }

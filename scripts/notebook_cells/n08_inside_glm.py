@@ -57,24 +57,29 @@ the grid, each column is a position — the prediction there is for the *next* t
 top row being the model's output. Hover a cell for the top tokens and their probabilities; with a `target`,
 switch to its probability or rank."""),
     code("""\
-lens = glm.logit_lens(PROMPT, max_new_tokens=len(fill.tokens), top_k=5, target="get")
+get = fill.tokens[[tokenizer.token_text(t) for t in fill.tokens].index("get")]  # the fill's own 'get' id
+lens = glm.logit_lens(PROMPT, max_new_tokens=len(fill.tokens), top_k=5, target=get)
 lens_grid = LogitLensGrid(lens)
 lens_grid"""),
     md("""\
-**In which layer does each token of the fill become the top prediction?** At each position from `sop` on,
-the model predicts the next token of the fill; `first_layer` finds the lowest layer from which that token stays
-on top up to the output."""),
+**In which layer does each token of the fill become the top prediction?** The position that predicts the
+fill's token *k* is `sop` + *k*; `first_layer` finds the lowest layer from which that token stays on top all
+the way up to the output. The target column follows `get` (its rank at the position that predicts it,
+layer by layer; switch the grid to *target rank* to see it everywhere). On the demo model most of the fill
+reaches the top only in the last layer or two, while its rank climbs through the lower ones: a small model
+decides late. In the lowest layers the lens mostly shows each position's *own* token: the output embedding is
+the input embedding (tied), and little has been added to it yet."""),
     code("""\
-sop = lens.sop_index
 rows = []
 for step, token in enumerate(fill.tokens):
-    position = sop + step  # the position whose prediction is token number `step` of the fill
-    text = tokenizer.token_text(token)
-    rows.append({"position": position, "input": lens.tokens[position], "predicts": text,
+    position = lens.sop_index + step
+    rows.append({"position": position, "input": repr(lens.tokens[position]),
+                 "predicts": repr(tokenizer.token_text(token)),
                  "first layer": lens_grid.first_layer(position, token_id=token),
-                 "p at the output": float(lens.top.query("position == @position and rank == 1 and "
-                                                          "layer == @lens.layers[-1]")["prob"].iloc[0])})
-pd.DataFrame(rows)"""),
+                 "top a layer below": repr(lens_grid.cell(lens.layers[-2], position)["token"])})
+print(pd.DataFrame(rows).to_string(index=False))
+at = lens.sop_index + [tokenizer.token_text(t) for t in fill.tokens].index("get")
+print("rank of 'get' by layer:", dict(lens.target.query("position == @at")[["layer", "rank"]].values.tolist()))"""),
     md("""\
 ## Attention
 
@@ -90,21 +95,29 @@ attention_view"""),
 ## Activation patching
 
 A clean prompt the model answers, and a corrupted one of the same token length that it answers differently.
-Each (layer, position) of the residual stream of the clean run is copied, one at a time, into the corrupted
-run, and the change in log p(clean answer's first token) at `sop` is recorded. Early layers need the
-patch where the word itself is; later, the answer has moved on to the positions that read it."""),
+Each (site, layer, position) of the clean run is copied, one at a time, into the corrupted run, and the change
+in log p(the clean answer's first token) at `sop` is recorded: the residual stream after each block, and the
+attention and MLP branch outputs. Red cells are where the clean activation brings the answer back."""),
     code("""\
 CLEAN, CORRUPTED = "English: house\\nGerman:", "English: water\\nGerman:"
 for prompt in (CLEAN, CORRUPTED):
     print(repr(prompt), "->", repr(glm.generate(prompt, max_new_tokens=4).text[len(prompt):]))
-answer = tokenizer.encode(glm.generate(CLEAN, max_new_tokens=1).blanks[0].text)[-1]
+answer = glm.generate(CLEAN, max_new_tokens=1).blanks[0].tokens[0]  # ' H', the start of ' Haus'
 sweep = glm.patch(CLEAN, CORRUPTED, target=answer, sites=["residual", "attention", "mlp"])
 patching = PatchingHeatmap(sweep)
 patching"""),
+    md("""\
+Read the residual-stream site first. Which position carries the answer, layer by layer? (On the demo model:
+the word's own tokens through the lower layers; then one layer's attention copies it to `sop`, where the
+answer is read out — the `attention` site shows which layer does the copying.)"""),
     code("""\
-best = patching.strongest()
-print(f"largest change: {best['logprob_change']:+.2f} nats at layer {best['layer']}, position {best['position']} "
-      f"({best['input_token']!r}) — clean {best['clean_logprob']:.2f}, corrupted {best['corrupted_logprob']:.2f}")"""),
+residual = sweep[sweep["site"] == "residual"]
+carrier = residual.loc[residual.groupby("layer")["logprob_change"].idxmax()]
+print("where the answer lives, layer by layer (residual stream):")
+print(carrier[["layer", "position", "input_token", "logprob_change"]].to_string(index=False))
+mover = sweep[(sweep["site"] == "attention") & (sweep["position"] == sweep["position"].max())]
+print("attention output at sop: the largest change is in layer",
+      int(mover.loc[mover["logprob_change"].idxmax(), "layer"]))"""),
     md("""\
 ## nnsight
 
@@ -145,13 +158,13 @@ A patch in nnsight: the corrupted run, with block 3's output at the word's posit
 run. glmkit's `patch` found the same kind of effect one position at a time."""),
     code("""\
 with torch.no_grad(), traced.trace(*clean_inputs):
-    clean_pair = [t.clone().save() for t in traced.transformer.layers[3].output]
+    clean_y, clean_m = (t.clone().save() for t in traced.transformer.layers[3].output)  # bind each saved value
 
 word = [i for i, (a, b) in enumerate(zip(clean_inputs[0][0].tolist(), inputs(CORRUPTED)[0][0].tolist())) if a != b]
 with torch.no_grad(), traced.trace(*inputs(CORRUPTED)):
     block = traced.transformer.layers[3].output
-    block[0][:, word] = clean_pair[0][:, word]
-    block[1][:, word] = clean_pair[1][:, word]
+    block[0][:, word] = clean_y[:, word]
+    block[1][:, word] = clean_m[:, word]
     patched_logits = traced.output.save()
 with torch.no_grad():
     corrupted_logits = model(*inputs(CORRUPTED))
