@@ -527,4 +527,6 @@ def test_inside_glm_draws_the_logit_lens_grid(lab, page):
     heatmap = page.locator("img.glmkit-attention")  # the attention view's PNG
     heatmap.scroll_into_view_if_needed()
     assert heatmap.evaluate("img => img.naturalWidth") > 200
-    shot(page, "08-attention", element=page.locator(".jp-OutputArea-output", has=heatmap))
+    attention = page.locator(".jp-OutputArea-output", has=heatmap)
+    assert_no_clipped_labels(attention)
+    shot(page, "08-attention", element=attention)

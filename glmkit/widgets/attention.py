@@ -171,7 +171,7 @@ class AttentionView(Tool):
         self.layer = w.SelectionSlider(options=layers, value=layer, continuous_update=False,
                                        layout=w.Layout(width="50%"))
         self.head = w.Dropdown(options=[("mean of the heads", MEAN)] + [(f"head {h}", h) for h in range(heads)],
-                               value=head, layout=w.Layout(width="14em"))
+                               value=head, layout=w.Layout(width="19em"))
         self.full_scale = w.Checkbox(False, description="colour scale 0–1 (else 0 to the largest value)",
                                      indent=False, layout=w.Layout(width="auto"))
         self.image = w.Image(format="png", layout=w.Layout(max_width="100%"))

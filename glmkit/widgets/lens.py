@@ -80,7 +80,7 @@ class LogitLensGrid(Tool):
         self.layers = sorted({layer for layer, _ in self._cells})
         self.all_positions = sorted({position for _, position in self._cells})
         self.labels = position_labels(self.top, self.tokens)
-        self.view = w.ToggleButtons(options=list(views), value=view, layout=w.Layout(width="auto"))
+        self.view = w.ToggleButtons(options=list(views), value=view)
         self.view.style.button_width = "11em"
         self.target_token = w.Dropdown(options=self._target_options(), layout=w.Layout(width="auto"))
         low, high = self.all_positions[0], self.all_positions[-1]

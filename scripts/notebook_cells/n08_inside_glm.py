@@ -57,8 +57,9 @@ the grid, each column is a position — the prediction there is for the *next* t
 top row being the model's output. Hover a cell for the top tokens and their probabilities; with a `target`,
 switch to its probability or rank."""),
     code("""\
-get = fill.tokens[[tokenizer.token_text(t) for t in fill.tokens].index("get")]  # the fill's own 'get' id
-lens = glm.logit_lens(PROMPT, max_new_tokens=len(fill.tokens), top_k=5, target=get)
+texts = [tokenizer.token_text(t) for t in fill.tokens]
+watch = texts.index("get") if "get" in texts else len(texts) - 1  # the demo model's 'get', else the last token
+lens = glm.logit_lens(PROMPT, max_new_tokens=len(fill.tokens), top_k=5, target=fill.tokens[watch])
 lens_grid = LogitLensGrid(lens)
 lens_grid"""),
     md("""\
@@ -78,8 +79,9 @@ for step, token in enumerate(fill.tokens):
                  "first layer": lens_grid.first_layer(position, token_id=token),
                  "top a layer below": repr(lens_grid.cell(lens.layers[-2], position)["token"])})
 print(pd.DataFrame(rows).to_string(index=False))
-at = lens.sop_index + [tokenizer.token_text(t) for t in fill.tokens].index("get")
-print("rank of 'get' by layer:", dict(lens.target.query("position == @at")[["layer", "rank"]].values.tolist()))"""),
+at = lens.sop_index + watch  # the position that predicts it
+ranks = lens.target[lens.target["position"] == at]
+print(f"rank of {texts[watch]!r} by layer:", dict(zip(ranks["layer"], ranks["rank"])))"""),
     md("""\
 ## Attention
 
@@ -135,14 +137,16 @@ from glmkit.generate.blanks import plan_prompt
 from glmkit.generate.tokens import Context, prefill_inputs
 
 local = glm if not CLUSTER else glmkit.load("glm-tiny")
+local_tokenizer = local.tokenizer
 model = copy.deepcopy(local.model)
 traced = nnsight.NNsight(model)
 
 
 def inputs(prompt):
-    plan = plan_prompt(tokenizer, prompt, model.config.max_sequence_length)
-    pinned = None if plan.uses_gmask else plan.tokens.index(tokenizer.mask_ids[plan.mask_name])
-    return prefill_inputs([Context(plan.tokens + (tokenizer.sop_id,), pinned)], "cpu")[:3]
+    plan = plan_prompt(local_tokenizer, prompt, model.config.max_sequence_length)
+    pinned = None if plan.uses_gmask else plan.tokens.index(local_tokenizer.mask_ids[plan.mask_name])
+    context = Context(plan.tokens + (local_tokenizer.sop_id,), pinned)
+    return prefill_inputs([context], model.transformer.word_embeddings.weight.device)[:3]
 
 
 clean_inputs = inputs(CLEAN)
@@ -152,7 +156,7 @@ with torch.no_grad(), traced.trace(*clean_inputs):
     clean_logits = traced.output.save()
 
 ours = local.trace(CLEAN, sites="residual", layers=[3]).get("residual", 3)
-print("nnsight's residual after block 3 equals glmkit's trace:", torch.allclose(residual[0], ours, atol=1e-5))"""),
+print("nnsight's residual after block 3 equals glmkit's trace:", torch.equal(residual[0], ours))"""),
     md("""\
 A patch in nnsight: the corrupted run, with block 3's output at the word's positions taken from the clean
 run. glmkit's `patch` found the same kind of effect one position at a time."""),
@@ -160,18 +164,21 @@ run. glmkit's `patch` found the same kind of effect one position at a time."""),
 with torch.no_grad(), traced.trace(*clean_inputs):
     clean_y, clean_m = (t.clone().save() for t in traced.transformer.layers[3].output)  # bind each saved value
 
-word = [i for i, (a, b) in enumerate(zip(clean_inputs[0][0].tolist(), inputs(CORRUPTED)[0][0].tolist())) if a != b]
-with torch.no_grad(), traced.trace(*inputs(CORRUPTED)):
+corrupted_inputs = inputs(CORRUPTED)
+word = (clean_inputs[0][0] != corrupted_inputs[0][0]).nonzero()[:, 0]  # the positions where the prompts differ
+with torch.no_grad(), traced.trace(*corrupted_inputs):
     block = traced.transformer.layers[3].output
     block[0][:, word] = clean_y[:, word]
     block[1][:, word] = clean_m[:, word]
     patched_logits = traced.output.save()
 with torch.no_grad():
-    corrupted_logits = model(*inputs(CORRUPTED))
+    corrupted_logits = model(*corrupted_inputs)
+local_answer = local.generate(CLEAN, max_new_tokens=1).blanks[0].tokens[0]
 
-for name, logits in [("clean", clean_logits), ("corrupted", corrupted_logits), ("corrupted, block 3 patched", patched_logits)]:
-    logprob = torch.log_softmax(logits[0, -1].float(), -1)[answer].item()
-    print(f"{name:>28}: log p({tokenizer.token_text(answer)!r}) = {logprob:.2f}")"""),
+runs = {"clean": clean_logits, "corrupted": corrupted_logits, "corrupted, block 3 patched": patched_logits}
+for name, logits in runs.items():
+    logprob = torch.log_softmax(logits[0, -1].float(), -1)[local_answer].item()
+    print(f"{name:>28}: log p({local_tokenizer.token_text(local_answer)!r}) = {logprob:.2f}")"""),
     teardown("""\
 if CLUSTER:
     glm.close()  # stops the engines; the in-process model goes with the kernel"""),
