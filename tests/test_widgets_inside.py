@@ -402,3 +402,26 @@ def test_the_widgets_show_the_demo_models_probes(pipeline, tokenizer):
     row = self_patch.iloc[0]
     assert row["patched_logprob"] == pytest.approx(row["clean_logprob"], abs=1e-4)
     assert heat.strongest()["logprob_change"] == pytest.approx(row["logprob_change"], abs=1e-4)
+
+
+def test_fuzzed_attention_input_is_drawn_or_refused_naming_the_parameter():
+    rng = np.random.default_rng(SEED + 2)
+    for case in range(30):
+        layers, heads, t = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 12))
+        s = int(rng.integers(1, t + 1))  # the last s positions are the queries
+        mask = glm_mask(int(rng.integers(0, t + 1)), t)[t - s:]
+        probs = rng.random((layers, heads, s, t)).astype(np.float32) * mask
+        tokens = [str(rng.choice(_PIECES)) for _ in range(t)]
+        breakage = case % 5
+        if breakage == 0:  # valid: drawn, and the masked cells are exactly the hatched ones
+            view = AttentionView(probs, tokens, mask, head=int(rng.integers(0, heads)))
+            assert bytes(view.image.value).startswith(b"\x89PNG")
+            hatched = sum(p.get_width() for p in view.figure().axes[0].patches)
+            assert hatched == (~mask).sum() and all(mask[-1][k] for k, _, _ in view.top_keys())
+            continue
+        args, name = {1: ((probs[0, 0], tokens, mask), "attention"),
+                      2: ((probs, tokens + ["x"], mask), "tokens"),
+                      3: ((probs, tokens, mask.T if s != t else mask[:, :-1]), "mask"),
+                      4: ((probs, tokens, mask.astype(np.float32)), "mask")}[breakage]
+        with pytest.raises((ValueError, TypeError), match=name):
+            AttentionView(*args)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping
 
 import ipywidgets as w
@@ -18,6 +19,19 @@ LEGEND = ("Rows: the query position (who looks); columns: the key position (what
           "<code>sop</code> on each token sees only what comes before it). Each row sums to 1 over its "
           "unmasked cells.")
 TOP_KEYS = 5
+# Token labels are drawn in the first of these fonts that has the glyph (matplotlib's per-glyph fallback), so
+# GLM-130B's Chinese tokens show where a CJK font is installed; without one they are boxes in the picture, and the
+# readout under it (HTML) still shows them.
+LABEL_FONTS = ("DejaVu Sans", "Noto Sans CJK SC", "Noto Sans SC", "WenQuanYi Zen Hei", "Droid Sans Fallback",
+               "AR PL UMing CN")
+
+
+def label_fonts() -> list[str]:
+    """The installed fonts of LABEL_FONTS, in order (asking for a missing family makes matplotlib warn)."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return [name for name in LABEL_FONTS if name in installed] or ["sans-serif"]
 
 
 def _as_array(value, name: str) -> np.ndarray:
@@ -129,9 +143,9 @@ def attention_figure(matrix: np.ndarray, mask: np.ndarray, query_labels: list[st
     for row, first, count in masked_runs(mask):
         axes.add_patch(Rectangle((first - 0.5, row - 0.5), count, 1, fill=False, hatch="///",
                                  edgecolor="#6b7280", linewidth=0, gid="masked"))
-    size = 8 if max(s, t) <= 40 else 6
-    axes.set_xticks(range(t), [token_text(x) for x in key_labels], rotation=90, fontsize=size)
-    axes.set_yticks(range(s), [token_text(x) for x in query_labels], fontsize=size)
+    size, fonts = (8 if max(s, t) <= 40 else 6), label_fonts()
+    axes.set_xticks(range(t), [token_text(x) for x in key_labels], rotation=90, fontsize=size, fontfamily=fonts)
+    axes.set_yticks(range(s), [token_text(x) for x in query_labels], fontsize=size, fontfamily=fonts)
     axes.set_xlabel("key (attended to)")
     axes.set_ylabel("query")
     if title:
@@ -146,7 +160,9 @@ def figure_png(figure) -> bytes:
 
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
+    with warnings.catch_warnings():  # a token no installed font can draw is a box, not a warning per redraw
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        figure.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()
 
 
