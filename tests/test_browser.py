@@ -5,8 +5,9 @@ browser opens 02-prompt-playground, runs it, types a multi-line prompt into the 
 Generate, watches the streamed text grow and clicks Stop; then opens View code and selects the command line,
 saves a preset to a YAML file and loads it back, and runs compare mode; then opens 05-tokenizer-quirks, runs
 it and checks the coloured token spans and the flagged `<n>`. Run > Run All Cells on 02 and 03 must leave the
-Playground and FewShot on screen; on 08 it must draw the logit-lens grid and the attention heatmap. Screenshots go to artifacts/browser/; no widget label, button or drop-down
-text in them may be cut off (checked in the page, not only by eye).
+Playground and FewShot on screen; on 08 it must draw the logit-lens grid and the attention heatmap.
+Screenshots go to artifacts/browser/; no widget label, button or drop-down text in them may be cut off
+(checked in the page, not only by eye).
 
 Needs /usr/bin/chromium (`apt-get install chromium`) and the playwright package; never downloads a browser.
 Skipped without them, except under CI (the CI variable set), where a missing browser is a failure.
