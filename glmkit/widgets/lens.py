@@ -94,7 +94,8 @@ class LogitLensGrid(Tool):
         update = self._guarded(lambda _: self.refresh())
         for widget in (self.view, self.target_token, self.position_range):
             widget.observe(update, "value")
-        controls = [labelled(self.view, "show", width="5em"),
+        self.view.tooltip = "what each cell shows: the layer's top token, or the target token's probability or rank"
+        controls = [self.view,  # the button texts say what they show: a description sat above them in JupyterLab
                     labelled(self.target_token, "target", width="5em"),
                     labelled(self.position_range, "positions", width="5em")]
         self.target_token.layout.display = None if len(self.target_token.options) > 1 else "none"
