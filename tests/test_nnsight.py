@@ -174,3 +174,23 @@ def test_wrapping_changes_no_generation(pipeline, wrapped):
     local, _ = wrapped
     settings = dict(max_new_tokens=6)
     assert local.generate(CLEAN, **settings).text == pipeline.generate(CLEAN, **settings).text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nnsight_on_a_gpu_pipeline_with_glmkits_kernels_and_graphs(nnsight):
+    """On a GPU the pipeline's model carries glmkit's fused kernels and decodes through CUDA graphs: nnsight
+    wraps that model as it is, module outputs still equal glmkit's trace, and generation is unchanged."""
+    reference = GLMPipeline.from_config("glm-tiny", device="cuda", dtype="fp16")
+    fast = GLMPipeline.from_config("glm-tiny", device="cuda", dtype="fp16")
+    traced = nnsight.NNsight(fast.model)  # wrapped before any generation: its graphs are captured wrapped
+    assert type(fast.model.transformer.layers[0].attention).__name__ == "FusedDecodeAttention"
+    inputs = [t.to("cuda") for t in model_inputs(fast, CLEAN)]
+    with torch.no_grad(), traced.trace(*inputs):
+        y, m = traced.transformer.layers[LAYER].output
+        residual = (y * fast.model.config.deepnorm_alpha + m).save()
+    ours = fast.trace(CLEAN, sites="residual", layers=[LAYER]).get("residual", LAYER)
+    assert torch.equal(residual[0].float().cpu(), ours)
+    for _ in range(2):  # the second round replays the graphs captured through nnsight's controllers
+        assert fast.generate(CLEAN, max_new_tokens=12).text == reference.generate(CLEAN, max_new_tokens=12).text
+    assert any(step.graph is not None for step in fast.generator.steps.steps.values())
