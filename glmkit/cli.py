@@ -184,6 +184,8 @@ def _bench(args) -> int:
     from .lab.bench import BenchOptions, resolve_config, run_bench
 
     name, model, kit = resolve_config(args.config, args.layers)
+    if args.probe:
+        return _bench_probe(args, model, kit)
     if args.engines is not None:
         return _bench_engines(args, model, kit)
     try:
@@ -230,6 +232,21 @@ def _bench_engines(args, model, kit) -> int:
                                   prompt_tokens=args.prompt_tokens, new_tokens=args.tokens, repeats=args.repeats,
                                   seed=args.seed, copy_bytes=args.copy_mib * 2**20 if args.copy_mib else None,
                                   pipeline=not args.no_pipeline)
+    return _print_json(result, args.out)
+
+
+def _bench_probe(args, model, kit) -> int:
+    from .lab.probe_bench import run_probe_bench
+    from .tokenizer import DEMO_TOKENIZER_DIR
+
+    engines = 1 if args.engines is None else args.engines
+    if engines < 1:
+        raise ValueError(f"--engines takes the number of engines (at least 1), got {engines}")
+    tokenizer = kit.tokenizer if kit is not None and kit.tokenizer is not None else DEMO_TOKENIZER_DIR
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
+        result = run_probe_bench(model, engines=engines, **_bench_precision(args, kit), tokenizer=tokenizer,
+                                 prompt_tokens=args.prompt_tokens, patch_positions=args.patch_positions,
+                                 repeats=args.repeats, seed=args.seed, pipeline=not args.no_pipeline)
     return _print_json(result, args.out)
 
 
@@ -287,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "GPUs allow it, 'nccl' always uses NCCL")
     bench.add_argument("--engines", type=int, help="time generate() through a GLMCluster of this many engines "
                        "(and GLMPipeline in this process) instead of the in-process generation loop")
-    bench.add_argument("--no-pipeline", action="store_true", help="with --engines: skip the in-process pipeline")
+    bench.add_argument("--no-pipeline", action="store_true", help="with --engines or --probe: skip the in-process "
+                       "pipeline")
+    bench.add_argument("--probe", action="store_true", help="time the logit lens (all layers and positions) and a "
+                       "patching sweep (layers x --patch-positions) through a GLMCluster of --engines engines "
+                       "(default 1) and GLMPipeline")
+    bench.add_argument("--patch-positions", type=int, default=32, help="with --probe: the last positions patched")
     bench.add_argument("--out", help="also write the JSON to this file")
     bench.set_defaults(run=_bench)
 

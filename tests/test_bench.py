@@ -310,3 +310,27 @@ def test_engine_bench_times_the_cluster_and_the_pipeline_on_the_same_weights():
         assert record["generated"] == [3, 10] and record["ms_per_token"] > 0
     assert result["cluster"]["text"] == result["pipeline"]["text"] == result["cluster_streaming"]["text"]
     assert result["engines"] == 2 and result["weight_bytes_per_gpu"] > 0
+
+
+def test_probe_bench_times_the_lens_and_a_patching_sweep_on_both_backends(capsys):
+    """`glmkit bench --probe`: the lens over every layer and position and a layers x positions patching sweep,
+    through 2 CPU engines and the pipeline on the same random weights; what each call ships and exchanges."""
+    from glmkit.lab.probe_bench import CALL_KEYS, PROBE_KEYS
+
+    assert main(["bench", "--config", "glm-tiny", "--layers", "2", "--probe", "--engines", "2", "--device", "cpu",
+                 "--dtype", "fp32", "--prompt-tokens", "24", "--patch-positions", "4", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == set(PROBE_KEYS)
+    assert result["engines"] == 2 and result["config"]["num_layers"] == 2 and result["device"] == "cpu"
+    assert result["lens_cells"] == 2 * result["prompt_tokens"] and result["patch_runs"] == 2 * 4
+    for backend in ("cluster", "pipeline"):
+        for call in ("lens", "patch"):
+            record = result[backend][call]
+            assert set(record) == set(CALL_KEYS) and record["wall_s"] > 0 and record["result_bytes"] > 0
+    for call in ("lens", "patch"):  # the same result from both backends, built from the ranks' small exchanges
+        assert result["cluster"][call]["collective_bytes"] > 0 == result["pipeline"][call]["collective_bytes"]
+        assert abs(result["cluster"][call]["result_bytes"] - result["pipeline"][call]["result_bytes"]) < 100
+    # A sweep wider than the prompt fails before any engine starts.
+    assert main(["bench", "--config", "glm-tiny", "--probe", "--device", "cpu", "--prompt-tokens", "24",
+                 "--patch-positions", "99"]) == 2
+    assert "patch_positions must be in [1, 26]" in capsys.readouterr().err

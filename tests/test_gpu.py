@@ -153,3 +153,62 @@ def _all_reduce_rank(rank: int, world_size: int, port: int) -> None:
             assert torch.equal(reduce(x), expected)
     finally:
         groups.close()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _compare_probes(fast, reference, tolerance: float, prompt: str = PROMPTS[1]) -> None:
+    """trace, logit_lens and patch on two backends (on the prompt and along a generation) agree to `tolerance`."""
+    from glmkit.inspect import PATCHABLE, SITES
+
+    for kwargs in ({}, {"max_new_tokens": 8}):
+        a, b = fast.trace(prompt, sites=list(SITES), **kwargs), reference.trace(prompt, sites=list(SITES), **kwargs)
+        assert a.ids == b.ids and torch.equal(a.allowed, b.allowed)
+        for site, values in b.values.items():
+            assert _relative(a[site], values) <= tolerance, site
+        la, lb = fast.logit_lens(prompt, target=a.ids[-1], **kwargs), reference.logit_lens(prompt, target=a.ids[-1],
+                                                                                              **kwargs)
+        last = [lens.top[(lens.top["layer"] == lens.layers[-1]) & (lens.top["rank"] == 1)] for lens in (la, lb)]
+        assert (last[0]["token_id"].to_numpy() == last[1]["token_id"].to_numpy()).all()
+        assert (la.top["prob"] - lb.top["prob"]).abs().max() <= tolerance
+        assert (la.target["prob"] - lb.target["prob"]).abs().max() <= tolerance
+    clean, corrupted = PROMPTS[1], PROMPTS[1].replace("os", "sys", 1)  # the same token count
+    kwargs = dict(sites=list(PATCHABLE), layers=[0, 3, -1], positions=[0, 2, -2, -1])
+    pa, pb = fast.patch(clean, corrupted, 20004, **kwargs), reference.patch(clean, corrupted, 20004, **kwargs)
+    assert (pa["patched_logprob"] - pb["patched_logprob"]).abs().max() <= 10 * tolerance
+    assert (fast.patch(clean, clean, 20004, **kwargs)["logprob_change"] == 0).all()
+
+
+def test_probes_on_cuda_with_fused_kernels_match_the_cpu(gpu_config):
+    """fp32 on the GPU, CUDA graphs and fused kernels applied (the default there), against the CPU's eager ops;
+    the decode graphs captured before the probes still generate the same text after them."""
+    from glmkit.kernels import FusedAddLayerNorm, FusedDecodeAttention
+
+    cpu = GLMPipeline.from_config(load_config("glm-tiny"))
+    gpu = GLMPipeline.from_config(gpu_config.replace(dtype="fp32"))
+    block = gpu.model.transformer.layers[0]
+    assert isinstance(block.attention, FusedDecodeAttention) and isinstance(block.input_layernorm, FusedAddLayerNorm)
+    texts = [r.text for r in gpu.generate(PROMPTS, max_new_tokens=16)]
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in gpu.model.modules())
+    _compare_probes(gpu, cpu, 1e-4)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in gpu.model.modules()) == hooks
+    assert [r.text for r in gpu.generate(PROMPTS, max_new_tokens=16)] == texts
+
+
+def test_fp16_probes_with_fused_kernels_track_the_eager_ops(gpu_config):
+    tokenizer = load_tokenizer(gpu_config)
+    fast = GLMPipeline(load_model(gpu_config), tokenizer)
+    plain = GLMPipeline(load_model(gpu_config), tokenizer)
+    plain.generator = Generator(plain.model, use_graphs=False, kernels=False)
+    _compare_probes(fast, plain, 1e-2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_engine_nccl_cluster_probes_equal_one_process(gpu_config):
+    from glmkit.serve.cluster import GLMCluster
+
+    cpu = GLMPipeline.from_config(load_config("glm-tiny"))
+    with GLMCluster(config=gpu_config.replace(dtype="fp32"), n=2) as cluster:
+        _compare_probes(cluster, cpu, 1e-4)

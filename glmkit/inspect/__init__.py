@@ -2,8 +2,8 @@
 
     glm = glmkit.load("glm-tiny")                      # or a GLMCluster: the same calls
     trace = glm.trace("def [MASK](self):", sites=["residual", "attention_probs"], layers=[0, 7])
-    lens = glm.logit_lens("English: house\\nGerman:", target="Haus")
-    sweep = glm.patch("English: house\\nGerman:", "English: mouse\\nGerman:", target="Haus")
+    lens = glm.logit_lens("English: house\\nGerman:", target="▁H")  # '▁H': "H" starting a word
+    sweep = glm.patch("English: house\\nGerman:", "English: mouse\\nGerman:", target="▁H")
 
 Modules: `sites` (site names and the checks of a call's selectors), `sequence` (what GLM sees: mask and
 positions), `capture` (hooks for one forward pass, `Trace`), `lens` (`LogitLens`, vocabulary-parallel top-k),

@@ -93,7 +93,8 @@ class Probe:
         """
         handles = [module.register_forward_hook(hook) for module, hook in self._patches]
         for kind, module, hook in self._reads:
-            handles.append(module.register_forward_pre_hook(hook) if kind == "pre" else module.register_forward_hook(hook))
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            handles.append(register(hook))
 
         def stop(module, args, output):
             raise _Stop
@@ -167,7 +168,7 @@ class Trace:
     layers: dict[str, tuple[int, ...]]
     values: dict[str, torch.Tensor]
     num_layers: int
-    collective_bytes: int = 0  # what each rank sent to the others to build it (0 in one process)
+    collective_bytes: int = 0  # what each rank's probe collectives sent (not the model's own; 0 in one process)
 
     @property
     def generated(self) -> list[int]:

@@ -115,7 +115,7 @@ class LogitLens:
     top: pd.DataFrame
     target: pd.DataFrame | None
     target_id: int | None = None
-    collective_bytes: int = 0  # what each rank sent to the others to build it (0 in one process)
+    collective_bytes: int = 0  # what each rank's probe collectives sent (not the model's own; 0 in one process)
 
     @property
     def generated(self) -> list[int]:
