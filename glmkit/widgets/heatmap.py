@@ -72,8 +72,7 @@ def position_labels(frame: pd.DataFrame, tokens: list[str] | None = None) -> dic
     return dict(zip(firsts["position"].astype(int), firsts["input_token"].astype(str)))
 
 
-def grid_html(layers: list[int], positions: list[int], labels: dict[int, str], cell, css_class: str,
-              caption: str = "") -> str:
+def grid_html(layers: list[int], positions: list[int], labels: dict[int, str], cell, css_class: str) -> str:
     """A layers x positions table; `cell(layer, position)` gives (text, style, title, data attrs) or None
     for an empty cell. The last layer is the top row."""
     head = ['<th style="padding:2px 6px;text-align:right">layer \\ position</th>']
@@ -99,8 +98,6 @@ def grid_html(layers: list[int], positions: list[int], labels: dict[int, str], c
                          f'text-overflow:ellipsis;white-space:pre;border:1px solid #fff" '
                          f'title="{esc(title)}">{esc(text)}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
-    caption_html = (f'<caption style="caption-side:bottom;text-align:left;color:#555;padding-top:4px">'
-                    f"{esc(caption)}</caption>") if caption else ""
     return (f'<div style="overflow-x:auto;max-width:100%"><table class="{css_class}" '
-            f'style="{MONO};font-size:85%;border-collapse:collapse">{caption_html}'
+            f'style="{MONO};font-size:85%;border-collapse:collapse">'
             f"<thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
