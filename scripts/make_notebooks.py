@@ -27,7 +27,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from notebook_cells import (n01_quickstart, n02_prompt_playground, n03_few_shot, n04_blank_infilling,  # noqa: E402
-                            n05_tokenizer_quirks, n06_checkpoints, n07_tokenomics, n09_evaluate)
+                            n05_tokenizer_quirks, n06_checkpoints, n07_tokenomics, n08_inside_glm, n09_evaluate)
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
@@ -40,6 +40,7 @@ NOTEBOOKS = {
     "05-tokenizer-quirks.ipynb": n05_tokenizer_quirks.CELLS,
     "06-checkpoints.ipynb": n06_checkpoints.CELLS,
     "07-tokenomics.ipynb": n07_tokenomics.CELLS,
+    "08-inside-glm.ipynb": n08_inside_glm.CELLS,
     "09-evaluate.ipynb": n09_evaluate.CELLS,
 }
 

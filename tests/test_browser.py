@@ -5,8 +5,9 @@ browser opens 02-prompt-playground, runs it, types a multi-line prompt into the 
 Generate, watches the streamed text grow and clicks Stop; then opens View code and selects the command line,
 saves a preset to a YAML file and loads it back, and runs compare mode; then opens 05-tokenizer-quirks, runs
 it and checks the coloured token spans and the flagged `<n>`. Run > Run All Cells on 02 and 03 must leave the
-Playground and FewShot on screen. Screenshots go to artifacts/browser/; no widget label, button or drop-down
-text in them may be cut off (checked in the page, not only by eye).
+Playground and FewShot on screen; on 08 it must draw the logit-lens grid and the attention heatmap.
+Screenshots go to artifacts/browser/; no widget label, button or drop-down text in them may be cut off
+(checked in the page, not only by eye).
 
 Needs /usr/bin/chromium (`apt-get install chromium`) and the playwright package; never downloads a browser.
 Skipped without them, except under CI (the CI variable set), where a missing browser is a failure.
@@ -493,3 +494,40 @@ def test_run_all_leaves_fewshot_on_screen_with_no_clipped_labels(lab, page):
     root.locator("table").scroll_into_view_if_needed()
     shot(page, "03-fewshot-en-python")
     clean_up(page)
+
+
+def _lightness(rgb: str) -> int:
+    return sum(int(x) for x in re.findall(r"\d+", rgb)[:3])
+
+
+def test_inside_glm_draws_the_logit_lens_grid(lab, page):
+    from playwright.sync_api import expect
+
+    lab.open(page, "08-inside-glm.ipynb")
+    run_cells(page, "notebook:run-all-cells", upto=None)
+    grid = page.locator("table.glmkit-lens").first
+    expect(grid).to_be_visible(timeout=WAIT_MS)
+    root = page.locator(".jp-OutputArea-output", has=grid)
+    cells = grid.locator("td.glmkit-lens-cell")
+    layers = grid.locator("tbody tr").count()
+    assert layers == 8 and cells.count() == layers * grid.locator("th.glmkit-lens-position").count()
+    # Painted by probability: the likeliest cell is darker than the least likely; the top k is on hover.
+    probs = [float(p) for p in cells.evaluate_all("cells => cells.map(c => c.dataset.prob)")]
+    likeliest, unlikeliest = cells.nth(probs.index(max(probs))), cells.nth(probs.index(min(probs)))
+    colour = "el => getComputedStyle(el).backgroundColor"
+    assert _lightness(likeliest.evaluate(colour)) < _lightness(unlikeliest.evaluate(colour))
+    title = likeliest.get_attribute("title")
+    assert re.search(r"^ 1\. .*  p = \d\.\d{3}$", title, re.M) and len(title.splitlines()) == 6  # top 5
+    box = likeliest.bounding_box()
+    assert box and box["width"] > 10 and box["height"] > 10
+    grid.scroll_into_view_if_needed()
+    shot(page, "08-logit-lens", element=root)
+    root.get_by_role("button", name="target rank").click()  # the target view, as a user switches to it
+    expect(grid.locator("td.glmkit-lens-cell").first).to_have_text(re.compile(r"^#\d+$"), timeout=WAIT_MS)
+    assert_no_clipped_labels(root)
+    heatmap = page.locator("img.glmkit-attention")  # the attention view's PNG
+    heatmap.scroll_into_view_if_needed()
+    assert heatmap.evaluate("img => img.naturalWidth") > 200
+    attention = page.locator(".jp-OutputArea-output", has=heatmap)
+    assert_no_clipped_labels(attention)
+    shot(page, "08-attention", element=attention)

@@ -35,6 +35,9 @@ EXPECTED_OUTPUT = {
     "05-tokenizer-quirks.ipynb": ["characters per token", "newline", "<0xF0>"],
     "06-checkpoints.ipynb": ["2 -> 1 shard(s)", "1 -> 4 shard(s)", "identical: True"],
     "07-tokenomics.ipynb": ["self-hosted / API cost ratio", "break_even_batch", "dollars_per_1m", "cost_by_batch.csv"],
+    "08-inside-glm.ipynb": ["fill: '_get_value'", "rank of 'get' by layer", "where the answer lives",
+                            "nnsight's residual after block 3 equals glmkit's trace: True",
+                            "corrupted, block 3 patched: log p"],
     "09-evaluate.ipynb": ["import_module k=0: accuracy", "beats chance", "en-de-bare", "accuracy_median",
                           "from the cache", "lm-eval and glmkit.evaluation: the same choice on 80 of 80"],
 }
@@ -140,7 +143,7 @@ def run_notebook(path: Path, probe: str | None = None) -> tuple[nbformat.Noteboo
 
 # ----- the committed files ------------------------------------------------------------------------------
 
-def test_there_are_the_tutorials():
+def test_there_are_the_nine_tutorials():
     assert [p.name for p in NOTEBOOKS] == sorted(EXPECTED_OUTPUT)
 
 
