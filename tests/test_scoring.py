@@ -110,9 +110,9 @@ def test_packed_choices_equal_each_choice_scored_alone(pipeline, tokenizer, opti
     assert [len(row.choices) for batch in request.batches for row in batch] == [len(choices)] * len(contexts)
     assert len(request.batches) == 1  # one forward pass, each context computed once
     packed = pipeline.run(request)
-    small = pipeline.score(contexts, [choices] * len(contexts), batch_tokens=24, **options)  # rows split up
-    assert len(ScoreRequest.build(tokenizer, 512, contexts, [choices] * len(contexts), batch_tokens=24,
-                                  **options).batches) > len(contexts)
+    small = pipeline.score(contexts, [choices] * len(contexts), batch_tokens=12, **options)
+    split = ScoreRequest.build(tokenizer, 512, contexts, [choices] * len(contexts), batch_tokens=12, **options)
+    assert sum(len(batch) for batch in split.batches) > len(contexts)  # a context's choices over several rows
     for i, context in enumerate(contexts):
         for j, choice in enumerate(choices):
             alone = pipeline.score(context, choice, **options)
@@ -142,7 +142,7 @@ def test_forms_of_the_result(pipeline):
     assert isinstance(choices, list) and len(choices) == 2
     _close(choices[0], one)
     mixed = pipeline.score(["a", "x"], ["b", ("c", "d")])
-    assert isinstance(mixed[0], ContinuationScore) and [len(mixed[1])] == [2]
+    assert isinstance(mixed[0], ContinuationScore) and len(mixed[1]) == 2
     _close(mixed[0], one)
     _close(mixed[1][0], pipeline.score("x", "c"))
 
@@ -164,8 +164,10 @@ BAD_CALLS = [
     (("a", ["x", ["y"]]), {}, TypeError, r"continuations\[1\] is a list"),
     (("a", Tokens([10**6])), {}, ValueError, r"continuations holds id 1000000 at index 0, outside"),
     ((Tokens([-1]), "x"), {}, ValueError, r"contexts holds id -1"),
-    (("w " * 600, "x"), {}, ValueError, r"contexts and continuations make \d+ tokens .* at most 512: shorten"),
-    (("w " * 250, "x " * 300), {}, ValueError, r"contexts and continuations make \d+ tokens"),
+    (("w " * 600, "x"), {}, ValueError, r"contexts and continuations need 604 positions .* at most 512: shorten "
+                                          r"the context by 92 tokens"),
+    (("w " * 250, "x " * 300), {}, ValueError, r"contexts and continuations need \d+ positions"),
+    (("", "x " * 600), {}, ValueError, r"the continuation alone is too long: at most 511 of its tokens fit"),
     (("a [MASK] b [MASK]", "x"), {}, ValueError, r"contexts holds 2 masks"),
     (("a [mask]", "x"), {}, ValueError, r"contexts: malformed mask"),
     (("a [MASK] [gMASK]", "x"), {}, ValueError, r"contexts: prompt mixes mask kinds"),
@@ -213,7 +215,7 @@ def test_a_stop_request_ends_scoring_with_an_error(pipeline, tokenizer):
 # --- seeded fuzz ------------------------------------------------------------------------------------
 
 SEED = 20261207
-CALLS = 120
+CALLS = 80
 _WORDS = ["def", "return", "x", "=", "import", "os", "Hello", "world", "the", "(", ")", ":", "\n", "1", "Haus"]
 _ALPHABET = ([chr(c) for c in range(32, 127) if chr(c) not in "[]"] + list("éßπΩ中文\t\n")
              + ["\U0001f600", " "] * 3)
@@ -233,7 +235,7 @@ def _context(rng: random.Random, unidirectional: bool) -> tuple[object, str | No
     if case < 0.16:
         return f"{_text(rng)}[MASK]{_text(rng)}[MASK]", "holds 2 masks" if not unidirectional else "holds a mask"
     if case < 0.2:
-        return " ".join(["w"] * rng.randint(520, 700)), "make"
+        return " ".join(["w"] * rng.randint(520, 700)), "positions"
     if case < 0.3:
         return Tokens([rng.randrange(20000, 22000) for _ in range(rng.randint(0, 12))]), None
     kind = rng.choice(["", "", "[MASK]", "[sMASK]", "[gMASK]"])
@@ -258,7 +260,7 @@ def test_fuzzed_score_calls_return_scores_or_name_the_parameter(pipeline, time_l
     for call in range(CALLS):
         unidirectional = rng.random() < 0.25
         options = {"unidirectional": unidirectional, "use_task_mask": unidirectional or rng.random() < 0.5,
-                   "include_end": rng.random() < 0.3, "batch_tokens": rng.choice([16, 64, 4096])}
+                   "include_end": rng.random() < 0.3, "batch_tokens": rng.choice([32, 4096, 4096])}
         single = rng.random() < 0.3
         count = 1 if single else rng.randint(1, 4)
         contexts, entries, problems = [], [], []
@@ -358,3 +360,10 @@ def test_score_bench_runs_on_cpu_and_prints_sane_numbers(tmp_path):
         assert r[key] > 0, key
     assert r["tokens_per_s"] == pytest.approx(r["tokens"] / (r["call_ms"] / 1e3))
     assert r["matmul_fraction"] == pytest.approx(r["model_tflops"] / r["matmul_tflops"])
+
+
+def test_score_bench_refuses_bad_options_in_one_line(capsys):
+    assert main(["bench", "--score", "--tp", "2", "--device", "cpu"]) == 2
+    assert "--score runs on one device" in capsys.readouterr().err
+    assert main(["bench", "--config", "glm-tiny", "--score", "--choices", "0", "--device", "cpu"]) == 2
+    assert "choices must be a positive integer" in capsys.readouterr().err

@@ -5,12 +5,16 @@ This is GLM-130B's own evaluation (its evaluation/dataset.py, `build_multiple_ch
     continuation's positions are all pinned to the mask's position;
   - a context holding `[gMASK]` is continued after its last token: positions count on from it;
   - a context with no mask gets one appended: `[MASK]` by default, `[gMASK]` with `use_task_mask=True`
-    (GLM-130B's task option of the same name);
+    (GLM-130B's task option of the same name; a mask the context holds is used whatever that option says);
   - the context attends both ways, the continuation causally after `sop`; GLM-130B's evaluation adds no
     `eos` after the text (`generate()` does when the mask is not at the end: `append_eos=True` does that);
   - `unidirectional=True` (GLM-130B's option; it needs `use_task_mask=True` and a context without masks, as
     GLM-130B asserts) reads `[gMASK] sop context continuation` left to right, every token causal, positions
-    counting from 0: with an empty context this is GLM-130B's language-modelling loss of a text on its own.
+    counting from 0.
+GLM-130B's language-modelling task (its perplexity windows) is `score(Tokens(prompt), Tokens(text),
+use_task_mask=True)`: the prompt and [gMASK] both ways, the text causally after sop; its first window (or
+any window with `unidirectional`) has an empty prompt, which `score("", text, use_task_mask=True)` gives in
+either mode: a text's log-likelihood on its own.
 A continuation's log-probability is the sum over its tokens of the log-softmax over the tokenizer's real ids
 (the padding rows of the vocabulary excluded, as `Generator.generate` excludes them with `num_ids`): the
 numbers `generate(..., logprobs=True)` reports for the same tokens. `greedy` says every token was the argmax
@@ -26,9 +30,9 @@ mask ids in a context's Tokens are its masks.
 
 Computation: no token-by-token generation. All choices of a context share one row behind one copy of the
 context, each choice a causal block that sees the context and itself only (GLM-130B packs choices with a
-block mask the same way; a choice of one token needs no block: it is read at `sop`). Rows are left-padded
+block mask the same way; a choice of one token needs no block: it is read where the context ends). Rows are left-padded
 and batched up to `batch_tokens` tokens a forward pass, and the model projects onto the vocabulary only the
-positions that predict a continuation token (GLM's `logits_at`).
+positions that predict a continuation token (`GLM.forward`'s `logits_at`).
 """
 from __future__ import annotations
 
@@ -157,9 +161,10 @@ def _check_ids(tokenizer, ids: list[int], name: str) -> None:
 
 
 def _plan_context(tokenizer, context, name: str, unidirectional: bool, use_task_mask: bool,
-                  append_eos: bool) -> tuple[tuple[int, ...], int, int | None]:
-    """(tokens, bidirectional, pinned position) of one context (see ScoreItem)."""
+                  append_eos: bool) -> tuple[tuple[int, ...], int, int | None, int]:
+    """(tokens, bidirectional, pinned position, how many tokens GLM added) of one context (see ScoreItem)."""
     ids = _context_ids(tokenizer, context, name)
+    given = len(ids)
     mask_ids = set(tokenizer.mask_ids.values())
     masks = [i for i, token in enumerate(ids) if token in mask_ids]
     if unidirectional:
@@ -167,7 +172,7 @@ def _plan_context(tokenizer, context, name: str, unidirectional: bool, use_task_
             raise ValueError(f"{name} holds a mask, but unidirectional scoring fills no blank: it reads the "
                              f"context left to right after [gMASK] (GLM-130B refuses this too); remove the mask "
                              f"or pass unidirectional=False")
-        return (tokenizer.gmask_id, tokenizer.sop_id, *ids), 1, None
+        return (tokenizer.gmask_id, tokenizer.sop_id, *ids), 1, None, 2
     if len(masks) > 1:
         raise ValueError(f"{name} holds {len(masks)} masks; a scored context has one blank, which the "
                          f"continuation fills: keep one [MASK], [sMASK] or [gMASK] (or none: one is appended)")
@@ -177,7 +182,25 @@ def _plan_context(tokenizer, context, name: str, unidirectional: bool, use_task_
     elif append_eos and masks[0] != len(ids) - 1:
         ids.append(tokenizer.eos_id)  # as generate() lays out a prompt whose mask is not at its end
     pinned = None if ids[masks[0]] == tokenizer.gmask_id else masks[0]
-    return (*ids, tokenizer.sop_id), len(ids), pinned
+    return (*ids, tokenizer.sop_id), len(ids), pinned, len(ids) + 1 - given
+
+
+def _check_length(name: str, choice_name: str, tokens: tuple[int, ...], added: int, ids: tuple[int, ...],
+                  max_sequence_length: int) -> None:
+    """ValueError saying how long a (context, continuation) is and what to cut, when the model cannot take it."""
+    total = len(tokens) + len(ids) - 1  # the continuation's last token is predicted, never fed
+    excess = total - max_sequence_length
+    if excess <= 0:
+        return
+    if excess <= len(tokens) - added:
+        fix = f"shorten the context by {excess} tokens (e.g. keep its end) or the continuation"
+    else:
+        fix = (f"the continuation alone is too long: at most {max_sequence_length - len(tokens) + 1} of its "
+               f"tokens fit after this context ({max_sequence_length - added + 1} after an empty one): score it "
+               f"in windows")
+    raise ValueError(f"{name} and {choice_name} need {total} positions (the context's {len(tokens) - added} "
+                     f"tokens, the {added} GLM adds, the continuation's {len(ids)} but its last); the model "
+                     f"takes at most {max_sequence_length}: {fix}")
 
 
 def _choice(tokenizer, continuation, name: str, include_end: bool) -> tuple[tuple[int, ...], str]:
@@ -362,22 +385,15 @@ class ScoreRequest:
                 raise _type_error(name, context)
             if not choices:
                 raise ValueError(f"{choices_name} is an empty list of choices: give at least one continuation")
-            tokens, bidirectional, pinned = _plan_context(tokenizer, context, name, unidirectional, use_task_mask,
-                                                          append_eos)
+            tokens, bidirectional, pinned, added = _plan_context(tokenizer, context, name, unidirectional,
+                                                                 use_task_mask, append_eos)
             planned = []
             for j, choice in enumerate(choices):
                 choice_name = f"{choices_name}[{j}]" if listed else choices_name
                 if not _is_single(choice):
                     raise _type_error(choice_name, choice)
                 ids, text = _choice(tokenizer, choice, choice_name, include_end)
-                total = len(tokens) + len(ids) - 1
-                if total > max_sequence_length:
-                    extra = "" if unidirectional else " with the mask and sop GLM adds"
-                    raise ValueError(
-                        f"{name} and {choice_name} make {total} tokens (the context {len(tokens)}{extra}, the "
-                        f"continuation {len(ids)}, less the one they share); the model takes at most "
-                        f"{max_sequence_length}: shorten the context by {total - max_sequence_length} tokens "
-                        f"(e.g. keep its end) or the continuation")
+                _check_length(name, choice_name, tokens, added, ids, max_sequence_length)
                 planned.append((ids, text))
             items.append(ScoreItem(tokens, bidirectional, pinned, tuple(ids for ids, _ in planned),
                                    tuple(text for _, text in planned), listed))
