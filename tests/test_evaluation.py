@@ -231,7 +231,7 @@ def test_generation_rows_are_the_models_completions(pipeline):
 
 
 def test_template_tasks_score_and_generate_as_the_template_does(pipeline):
-    pairs = pd.DataFrame({"input": ["house", "water", "tree"], "target": ["Haus", "Wasser", "Baum"]})
+    pairs = pd.DataFrame({"input": ["house", "water"], "target": ["Haus", "Wasser"]})
     template = load_template("en-de-translation")
     result = evaluate(pipeline, pairs, templates=[template], shots=[1], seed=0, progress=False,
                       generation={"max_new_tokens": 6})
@@ -242,7 +242,7 @@ def test_template_tasks_score_and_generate_as_the_template_does(pipeline):
         shaped = dataclasses.replace(template, examples=[Example(demo["input"], demo["target"])])
         assert row["prompt"] == shaped.build_prompt(query)
         assert row["prediction"] == shaped.run(pipeline, [query], max_new_tokens=6)["answer"].iloc[0]
-    choices = pairs.assign(choices=[["Haus", "Baum"], ["Wasser", "Haus"], ["Baum", "Wasser"]], label=[0, 0, 0])
+    choices = pairs.assign(choices=[["Haus", "Baum"], ["Wasser", "Haus"]], label=[0, 0])
     mc = evaluate(pipeline, choices.drop(columns="target"), templates=template, progress=False)
     for _, row in mc.rows.iterrows():  # a template without a mask is scored as a [gMASK] continuation
         direct = pipeline.score(row["prompt"], row["choices"], use_task_mask=True)
