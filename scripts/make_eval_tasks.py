@@ -11,8 +11,7 @@ SHA-256 of the item's id), and each item says which (`source`: heldout or train)
 Multiple choice (configs/tasks/stdlib-mc/, GLM-130B's `type: mul`), the blank is a `[MASK]` in the code:
   import_module  `from [MASK] import NAMES` with the statement's neighbouring lines; the true module and
                  three others that are common `from X import` modules of the stdlib, never one that any
-                 stdlib file imports one of NAMES from, nor one of the true module's top-level package; at
-                 most 3 items with the same true module.
+                 stdlib file imports one of NAMES from, nor one of the true module's top-level package.
   first_param    a method's first parameter (`def name([MASK], ...)`) under its class line and decorators,
                  with two body lines; choices self, cls and one more name (the true one when it is neither).
                  Half the items are `self`, half are not (classmethods, staticmethods, __new__ ...).
@@ -21,6 +20,8 @@ is one name), exact match:
   import_name    `import [MASK]` where a line at most 12 lines below uses `NAME.attribute`.
   loop_variable  `for [MASK] in ...:` where one of the next three body lines uses the variable.
   self_assign    `self.attr = [MASK]` in an `__init__` whose parameter it is, with the lines above it.
+Every kind but first_param (whose answers are self and cls by design) has at most 3 items with the same
+answer, so no one answer (`unittest`, `i`) stands for the kind.
 
 Also written: configs/tasks/lm-eval/*.yaml, the same data as lm-evaluation-harness tasks (the `json` dataset
 builder on the jsonl files above; paths relative to the repository root, where lm_eval must run).
@@ -49,7 +50,7 @@ MAX_LINE = 100  # longer lines make long prompts: k-shot prompts must fit the de
 MAX_TOKENS = 90  # a context's tokens (demo tokenizer): a 4-shot prompt (five contexts) then fits 512
 COUNTS = {"import_module": 150, "first_param": 60, "import_name": 34, "loop_variable": 33, "self_assign": 33}
 MIN_MODULE_USES = 20  # a distractor module is one that at least this many stdlib `from X import` lines name
-PER_MODULE = 3  # import_module items with the same true module, at most (the tests import _testcapi a lot)
+PER_ANSWER = 3  # items of a kind with the same answer, at most (test files import unittest and _testcapi a lot)
 
 
 def stdlib_sources(heldout: set[str]) -> list[tuple[str, list[str], ast.Module, str]]:
@@ -396,11 +397,11 @@ def main(argv: list[str] | None = None) -> None:
         return [it for it in items if len(tokenizer.encode_with_masks(it["inputs_pretokenized"])) <= MAX_TOKENS]
 
     chosen = {
-        "import_module": pick(short(import_module_items(files)), COUNTS["import_module"], PER_MODULE),
+        "import_module": pick(short(import_module_items(files)), COUNTS["import_module"], PER_ANSWER),
         "first_param": pick_first_params(short(first_param_items(files)), COUNTS["first_param"]),
-        "import_name": pick(short(import_name_items(files)), COUNTS["import_name"]),
-        "loop_variable": pick(short(loop_variable_items(files)), COUNTS["loop_variable"]),
-        "self_assign": pick(short(self_assign_items(files)), COUNTS["self_assign"]),
+        "import_name": pick(short(import_name_items(files)), COUNTS["import_name"], PER_ANSWER),
+        "loop_variable": pick(short(loop_variable_items(files)), COUNTS["loop_variable"], PER_ANSWER),
+        "self_assign": pick(short(self_assign_items(files)), COUNTS["self_assign"], PER_ANSWER),
     }
     layout = {"stdlib-mc": ["import_module", "first_param"],
               "stdlib-completion": ["import_name", "loop_variable", "self_assign"]}

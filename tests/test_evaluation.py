@@ -140,7 +140,6 @@ def test_shipped_tasks_have_one_blank_and_valid_labels():
     assert set(gen.rows["group"]) == {"import_name", "loop_variable", "self_assign"}
     for task in (mc, gen):
         assert all(text.count("[MASK]") == 1 for text in task.rows["inputs"])
-    # import_module: the gold module is never imported with one of these names anywhere among the choices
     for _, row in mc.rows[mc.rows["group"] == "import_module"].iterrows():
         assert len(set(row["choices"])) == 4 and row["choices"][row["label"]] in row["choices"]
     assert {row["choices"][row["label"]] for _, row in mc.rows[mc.rows["group"] == "first_param"].iterrows()} >= {
@@ -231,7 +230,7 @@ def test_generation_rows_are_the_models_completions(pipeline):
 
 
 def test_template_tasks_score_and_generate_as_the_template_does(pipeline):
-    pairs = pd.DataFrame({"input": ["house", "water", "tree"], "target": ["Haus", "Wasser", "Baum"]})
+    pairs = pd.DataFrame({"input": ["house", "water"], "target": ["Haus", "Wasser"]})
     template = load_template("en-de-translation")
     result = evaluate(pipeline, pairs, templates=[template], shots=[1], seed=0, progress=False,
                       generation={"max_new_tokens": 6})
@@ -242,7 +241,7 @@ def test_template_tasks_score_and_generate_as_the_template_does(pipeline):
         shaped = dataclasses.replace(template, examples=[Example(demo["input"], demo["target"])])
         assert row["prompt"] == shaped.build_prompt(query)
         assert row["prediction"] == shaped.run(pipeline, [query], max_new_tokens=6)["answer"].iloc[0]
-    choices = pairs.assign(choices=[["Haus", "Baum"], ["Wasser", "Haus"], ["Baum", "Wasser"]], label=[0, 0, 0])
+    choices = pairs.assign(choices=[["Haus", "Baum"], ["Wasser", "Haus"]], label=[0, 0])
     mc = evaluate(pipeline, choices.drop(columns="target"), templates=template, progress=False)
     for _, row in mc.rows.iterrows():  # a template without a mask is scored as a [gMASK] continuation
         direct = pipeline.score(row["prompt"], row["choices"], use_task_mask=True)
@@ -293,7 +292,9 @@ def test_summary_counts_and_max_median_over_templates():
     assert summary.loc[("task", "odd"), "n"] == 5 and summary.loc[("task", "odd"), "accuracy"] == 4 / 5
     assert summary.loc[("task", "even"), "accuracy"] == 3 / 5
     assert summary.loc[("task", "even"), "chance"] == 0.5
-    overall = evaluate(backend, mc_frame(10, named=7), progress=False, model_id="fake").summary
+    plain = evaluate(backend, mc_frame(10, named=7), progress=False, model_id="fake")
+    assert "10 rows, complete" in repr(plain)
+    overall = plain.summary
     assert overall["accuracy"].iloc[0] == 0.7
     assert (overall["accuracy_low"].iloc[0], overall["accuracy_high"].iloc[0]) == pytest.approx(wilson_interval(7, 10))
     table = pd.DataFrame({"group": ["g"] * 3, "template": ["a", "b", "c"], "k": [0, 0, 0], "n": [10, 30, 60],
@@ -389,6 +390,23 @@ MALFORMED = [  # (rows, the message: names the row and the field)
 def test_malformed_rows_name_the_row_and_field(rows, message):
     with pytest.raises(TaskError, match=message):
         load_task(pd.DataFrame(rows))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: x\ntype: mul\n", r"key 'path' is missing"),
+    ("name: x\ntype: lm\npath: .\n", r"type 'lm' is not supported"),
+    ("name: x\ntype: mul\npath: .\nfile-pattern: {a: nothing*.jsonl}\n", r"'a': 'nothing\*.jsonl' matches no file"),
+    ("name: x\ntype: mul\npath: .\nfile_pattern: a.jsonl\nfile-pattern: b.jsonl\n", r"given twice"),
+    ("name: x\ntype: mul\npath: .\nuse_task_mask: 'yes'\nfile-pattern: '*.jsonl'\n", r"use_task_mask must be true or false"),
+    ("name: x\ntype: gen\npath: .\nsampling_strategy: Nucleus\nfile-pattern: '*.jsonl'\n", r"sampling_strategy"),
+    ("- just a list\n", r"must be a mapping"),
+])
+def test_malformed_task_yamls_name_the_key(tmp_path, text, message):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"inputs_pretokenized": "q", "choices_pretokenized": ["a"],
+                                                  "targets_pretokenized": "a", "label": 0}) + "\n")
+    (tmp_path / "t.yaml").write_text(text)
+    with pytest.raises(TaskError, match=message):
+        load_task(tmp_path / "t.yaml")
 
 
 def test_malformed_files_and_misfits_name_where(tmp_path, pipeline):

@@ -311,6 +311,13 @@ def load_task(source, *, kind: str | None = None, name: str | None = None, **opt
     or a shipped task's name ("stdlib-mc", "stdlib-completion"); a Task is returned as it is."""
     if isinstance(source, Task):
         return source
+    allowed = {"use_task_mask", "unidirectional", "generation", "stop", "max_seq_length", "data_root"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"load_task: unknown options {unknown}; known: {sorted(allowed)}")
+    data_root = options.pop("data_root", None)
+    if data_root is not None and not isinstance(source, (str, Path)):
+        raise TypeError("load_task: data_root is for GLM-130B task YAMLs (their DATA_PATH)")
     if isinstance(source, pd.DataFrame):
         return from_frame(source, name=name or "task", kind=kind, **options)
     if isinstance(source, (list, tuple)):
@@ -333,7 +340,9 @@ def load_task(source, *, kind: str | None = None, name: str | None = None, **opt
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         from .glm130b import from_glm130b_yaml
-        return from_glm130b_yaml(path, kind=kind, name=name, **options)
+        return from_glm130b_yaml(path, kind=kind, name=name, data_root=data_root, **options)
+    if data_root is not None:
+        raise TypeError(f"load_task: data_root is for GLM-130B task YAMLs (their DATA_PATH), not {path.name}")
     if suffix == ".csv":
         return from_csv(path, name=name, kind=kind, **options)
     if suffix in (".jsonl", ".json"):
