@@ -61,7 +61,7 @@ def choose_splits(rows: int, length: int, device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    wanted = -(-PROGRAMS_PER_SM * _SM_COUNT[index] // rows)
+    wanted = PROGRAMS_PER_SM * _SM_COUNT[index] // rows  # rounded down: batch 8 (768 programs) keeps one range
     return max(1, min(wanted, length // MIN_SPLIT_POSITIONS))
 
 
@@ -141,61 +141,83 @@ if triton is not None:
         return (first + second).to(dtype)
 
     @triton.jit
-    def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, allowed_ptr, out_ptr,
-                                 scratch_ptr, T, q_scale, coeff,
-                                 s_qb, s_qh, s_q3, s_cb, s_sb, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                                 s_ab, s_at, s_ob,
-                                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 BLOCK_T: tl.constexpr):
-        pid = tl.program_id(0)
-        batch = pid // HEADS
-        head = pid % HEADS
-        dtype = out_ptr.dtype.element_ty
-        d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two
-        d_ok = d < HEAD_DIM
+    def _write_step(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot, write, batch, head, d, d_ok,
+                    s_qb, s_qh, s_q3, s_cb, s_sb, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                    HEAD_DIM: tl.constexpr, dtype: tl.constexpr):
+        """The step's rotated q (scaled later), and its rotated k and v written at `slot` where `write` is set."""
         base = qkv_ptr + batch * s_qb + head * s_qh
         cos = tl.load(cos_ptr + batch * s_cb + d, mask=d_ok, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + batch * s_sb + d, mask=d_ok, other=0.0).to(tl.float32)
         q = _rotate(base, cos, sin, d, d_ok, HEAD_DIM // 2, HEAD_DIM, dtype)
         k = _rotate(base + s_q3, cos, sin, d, d_ok, HEAD_DIM // 2, HEAD_DIM, dtype)
         v = tl.load(base + 2 * s_q3 + d, mask=d_ok, other=0.0)
-        slot = tl.load(slot_ptr)
-        k_base = k_ptr + batch * s_kb + head * s_kh
-        v_base = v_ptr + batch * s_vb + head * s_vh
-        tl.store(k_base + slot * s_kt + d, k, mask=d_ok)
-        tl.store(v_base + slot * s_vt + d, v, mask=d_ok)
-        tl.debug_barrier()  # the cache reads below include the slot just written
-        q = (q.to(tl.float32) * q_scale).to(dtype).to(tl.float32)
+        tl.store(k_ptr + batch * s_kb + head * s_kh + slot * s_kt + d, k, mask=d_ok & write)
+        tl.store(v_ptr + batch * s_vb + head * s_vh + slot * s_vt + d, v, mask=d_ok & write)
+        return q
 
-        # Pass 1: scores into the scratch row, with a running maximum and a running sum of exponentials
-        # (rescaled when the maximum grows). Pass 2: probabilities from the final maximum and sum, rounded
-        # as the eager softmax output is, against the values.
-        scores_base = scratch_ptr + pid * T
+    @triton.jit
+    def _score_range(k_base, s_kt, allowed_row, s_at, scores_row, q, d, d_ok, start, end, coeff,
+                     dtype: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Scores of cache positions [start, end) into the scratch row; their maximum and sum of exponentials
+        (rescaled as the maximum grows)."""
         best = tl.full((), -float("inf"), tl.float32)
         total = tl.zeros((), tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in range(start, end, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            ok = t < T
+            ok = t < end
             keys = tl.load(k_base + t[:, None] * s_kt + d[None, :], mask=ok[:, None] & d_ok[None, :],
                            other=0.0).to(tl.float32)
             score = tl.sum(keys * q[None, :], axis=1).to(dtype).to(tl.float32)  # a half-precision matmul output
-            visible = tl.load(allowed_ptr + batch * s_ab + t * s_at, mask=ok, other=0).to(tl.int1)
+            visible = tl.load(allowed_row + t * s_at, mask=ok, other=0).to(tl.int1)
             score = tl.where(visible, score, -10000.0) * coeff
             score = tl.where(ok, score, -float("inf"))
-            tl.store(scores_base + t, score, mask=ok)
+            tl.store(scores_row + t, score, mask=ok)
             new_best = tl.maximum(best, tl.max(score, axis=0))
             total = total * tl.exp(best - new_best) + tl.sum(tl.exp(score - new_best), axis=0)
             best = new_best
-        tl.debug_barrier()
+        return best, total
+
+    @triton.jit
+    def _weigh_range(v_base, s_vt, scores_row, best, total, d, d_ok, start, end, dtype: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The probabilities of positions [start, end) from the softmax's final maximum and sum, rounded as the
+        eager softmax output is, against their values: an fp32 (BLOCK_D,) partial output."""
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        for t0 in range(start, end, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
-            ok = t < T
-            score = tl.load(scores_base + t, mask=ok, other=-float("inf"))
+            ok = t < end
+            score = tl.load(scores_row + t, mask=ok, other=-float("inf"))
             probs = (tl.exp(score - best) / total).to(dtype).to(tl.float32)
             vals = tl.load(v_base + t[:, None] * s_vt + d[None, :], mask=ok[:, None] & d_ok[None, :],
                            other=0.0).to(tl.float32)
             acc += tl.sum(probs[:, None] * vals, axis=0)
+        return acc
+
+    @triton.jit
+    def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot_ptr, allowed_ptr, out_ptr,
+                                 scratch_ptr, T, q_scale, coeff,
+                                 s_qb, s_qh, s_q3, s_cb, s_sb, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                                 s_ab, s_at, s_ob,
+                                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_T: tl.constexpr):
+        # Program (sequence x head), the whole cache: pass 1 scores every position, pass 2 weighs the values.
+        pid = tl.program_id(0)
+        batch = pid // HEADS
+        head = pid % HEADS
+        dtype = out_ptr.dtype.element_ty
+        d = tl.arange(0, BLOCK_D)  # head_dim padded to a power of two
+        d_ok = d < HEAD_DIM
+        slot = tl.load(slot_ptr)
+        q = _write_step(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot, True, batch, head, d, d_ok,
+                        s_qb, s_qh, s_q3, s_cb, s_sb, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HEAD_DIM, dtype)
+        tl.debug_barrier()  # the cache reads below include the slot just written
+        q = (q.to(tl.float32) * q_scale).to(dtype).to(tl.float32)
+        scores_row = scratch_ptr + pid * T
+        best, total = _score_range(k_ptr + batch * s_kb + head * s_kh, s_kt, allowed_ptr + batch * s_ab, s_at,
+                                   scores_row, q, d, d_ok, 0, T, coeff, dtype, BLOCK_T)
+        tl.debug_barrier()
+        acc = _weigh_range(v_ptr + batch * s_vb + head * s_vh, s_vt, scores_row, best, total, d, d_ok, 0, T,
+                           dtype, BLOCK_T, BLOCK_D)
         tl.store(out_ptr + batch * s_ob + head * HEAD_DIM + d, acc.to(dtype), mask=d_ok)
 
     @triton.jit
@@ -214,37 +236,15 @@ if triton is not None:
         dtype = qkv_ptr.dtype.element_ty
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        base = qkv_ptr + batch * s_qb + head * s_qh
-        cos = tl.load(cos_ptr + batch * s_cb + d, mask=d_ok, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + batch * s_sb + d, mask=d_ok, other=0.0).to(tl.float32)
-        q = _rotate(base, cos, sin, d, d_ok, HEAD_DIM // 2, HEAD_DIM, dtype)
         start = split * CHUNK
         end = tl.minimum(start + CHUNK, T)
         slot = tl.load(slot_ptr)
-        k_base = k_ptr + batch * s_kb + head * s_kh
-        mine = (slot >= start) & (slot < end)
-        k = _rotate(base + s_q3, cos, sin, d, d_ok, HEAD_DIM // 2, HEAD_DIM, dtype)
-        v = tl.load(base + 2 * s_q3 + d, mask=d_ok, other=0.0)
-        tl.store(k_base + slot * s_kt + d, k, mask=d_ok & mine)
-        tl.store(v_ptr + batch * s_vb + head * s_vh + slot * s_vt + d, v, mask=d_ok & mine)
+        q = _write_step(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slot, (slot >= start) & (slot < end), batch, head,
+                        d, d_ok, s_qb, s_qh, s_q3, s_cb, s_sb, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, HEAD_DIM, dtype)
         tl.debug_barrier()  # this range's reads below include the slot just written
         q = (q.to(tl.float32) * q_scale).to(dtype).to(tl.float32)
-        scores_base = scratch_ptr + pid * T
-        best = tl.full((), -float("inf"), tl.float32)
-        total = tl.zeros((), tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            ok = t < end
-            keys = tl.load(k_base + t[:, None] * s_kt + d[None, :], mask=ok[:, None] & d_ok[None, :],
-                           other=0.0).to(tl.float32)
-            score = tl.sum(keys * q[None, :], axis=1).to(dtype).to(tl.float32)
-            visible = tl.load(allowed_ptr + batch * s_ab + t * s_at, mask=ok, other=0).to(tl.int1)
-            score = tl.where(visible, score, -10000.0) * coeff
-            score = tl.where(ok, score, -float("inf"))
-            tl.store(scores_base + t, score, mask=ok)
-            new_best = tl.maximum(best, tl.max(score, axis=0))
-            total = total * tl.exp(best - new_best) + tl.sum(tl.exp(score - new_best), axis=0)
-            best = new_best
+        best, total = _score_range(k_ptr + batch * s_kb + head * s_kh, s_kt, allowed_ptr + batch * s_ab, s_at,
+                                   scratch_ptr + pid * T, q, d, d_ok, start, end, coeff, dtype, BLOCK_T)
         tl.store(stats_ptr + (pid * SPLITS + split) * 2, best)
         tl.store(stats_ptr + (pid * SPLITS + split) * 2 + 1, total)
 
@@ -258,7 +258,6 @@ if triton is not None:
         split = tl.program_id(1)
         batch = pid // HEADS
         head = pid % HEADS
-        dtype = v_ptr.dtype.element_ty
         s = tl.arange(0, BLOCK_S)
         s_ok = s < SPLITS
         maxima = tl.load(stats_ptr + (pid * SPLITS + s) * 2, mask=s_ok, other=-float("inf"))
@@ -266,20 +265,10 @@ if triton is not None:
         best = tl.max(maxima, axis=0)
         total = tl.sum(tl.where(s_ok, sums * tl.exp(maxima - best), 0.0), axis=0)
         d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        v_base = v_ptr + batch * s_vb + head * s_vh
-        scores_base = scratch_ptr + pid * T
         start = split * CHUNK
-        end = tl.minimum(start + CHUNK, T)
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            ok = t < end
-            score = tl.load(scores_base + t, mask=ok, other=-float("inf"))
-            probs = (tl.exp(score - best) / total).to(dtype).to(tl.float32)
-            vals = tl.load(v_base + t[:, None] * s_vt + d[None, :], mask=ok[:, None] & d_ok[None, :],
-                           other=0.0).to(tl.float32)
-            acc += tl.sum(probs[:, None] * vals, axis=0)
+        acc = _weigh_range(v_ptr + batch * s_vb + head * s_vh, s_vt, scratch_ptr + pid * T, best, total, d,
+                           d < HEAD_DIM, start, tl.minimum(start + CHUNK, T), v_ptr.dtype.element_ty, BLOCK_T,
+                           BLOCK_D)
         tl.store(partial_ptr + (pid * SPLITS + split) * BLOCK_D + d, acc)
 
     @triton.jit
