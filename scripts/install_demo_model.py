@@ -40,7 +40,8 @@ def install(out: Path, demo: Path, docs: Path) -> None:
         shutil.rmtree(target)
     shutil.copytree(checkpoint, target)
     (demo / "tokenizer").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_file, demo / "tokenizer" / MODEL_FILE)
+    if tokenizer_file.resolve() != (demo / "tokenizer" / MODEL_FILE).resolve():  # a run on the shipped one
+        shutil.copyfile(tokenizer_file, demo / "tokenizer" / MODEL_FILE)
     docs.mkdir(parents=True, exist_ok=True)
     for name in ("training_log.json", "training_curve.png", "train.log", "evaluate.log"):
         if (out / name).is_file():

@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--heldout", type=int, default=300, help="held-out pairs")
     p.add_argument("--pool", type=int, default=3000, help="held-out pairs come from this many common words")
-    p.add_argument("--max-single", type=int, default=40_000, help="the most common one-word training pairs kept")
-    p.add_argument("--max-multi", type=int, default=20_000, help="the most common multi-word training pairs kept")
+    p.add_argument("--max-single", type=int, default=4_000, help="the most common one-word training pairs kept")
+    p.add_argument("--max-multi", type=int, default=1_000, help="the most common multi-word training pairs kept")
     p.add_argument("--max-words", type=int, default=2, help="words per headword and per translation")
     args = p.parse_args(argv)
 

@@ -102,7 +102,7 @@ def _has_mask_text(line: str) -> bool:
 
 
 def build_corpus(tokenizer: GLMTokenizer, tokenizer_file: Path, pairs_file: Path | None = None,
-                 pair_share: float = 0.2, seed: int = 1234) -> dict:
+                 pair_share: float = 0.3, phrase_share: float = 0.1, seed: int = 1234) -> dict:
     """Tokenize the stdlib files once: token counts per file and unigram counts over the training files
     (code only, so the baseline means what it meant before pairs). With `pairs_file`, few-shot pair
     documents of `pair_share` of the training characters join the training split, and the held-out
@@ -118,22 +118,25 @@ def build_corpus(tokenizer: GLMTokenizer, tokenizer_file: Path, pairs_file: Path
               "unigram_counts": {str(k): v for k, v in sorted(counts.items())}}
     if pairs_file is not None:
         corpus["pairs_sha256"] = _sha256(pairs_file)
-        corpus["translation"] = pair_corpus(tokenizer, pairs_file, pair_share, seed, documents)
+        corpus["translation"] = pair_corpus(tokenizer, pairs_file, pair_share, phrase_share, seed, documents)
     return corpus
 
 
-def pair_corpus(tokenizer: GLMTokenizer, pairs_file: Path, pair_share: float, seed: int, documents: list) -> dict:
+def pair_corpus(tokenizer: GLMTokenizer, pairs_file: Path, pair_share: float, phrase_share: float, seed: int,
+                documents: list) -> dict:
     """Append the pair documents to `documents`; the held-out and memorisation prompts and the pairs' facts."""
     from glmkit.widgets.templates import load_template  # imports ipywidgets: only where the corpus is built
 
     if not 0 < pair_share < 1:
         raise SystemExit(f"--pair-share must be between 0 and 1 (a share of the training characters), "
                          f"got {pair_share}")
+    if not 0 <= phrase_share < 1:
+        raise SystemExit(f"--phrase-share must be in [0, 1) (a share of the pair blocks), got {phrase_share}")
     train_pairs, heldout, phrases, payload = load_pairs(pairs_file)
     template = load_template(TEMPLATE)
     code_chars = sum(len(d["text"]) for d in documents if d["split"] == "train")
     texts = pair_documents(train_pairs, phrases, round(code_chars * pair_share / (1 - pair_share)), seed,
-                           lead_in=[(e.input, e.output) for e in template.examples])
+                           lead_in=[(e.input, e.output) for e in template.examples], phrase_share=phrase_share)
     for i, text in enumerate(texts):
         documents.append({"path": f"pairs/{i:06d}", "split": "train", "source": "pairs",
                           "num_tokens": len(tokenizer.encode(text)), "text": text})
@@ -145,7 +148,7 @@ def pair_corpus(tokenizer: GLMTokenizer, pairs_file: Path, pair_share: float, se
                  "prompt": template.build_prompt(p.english)} for p in pairs]
 
     return {"template": TEMPLATE, "source": payload["source"], "settings": payload["settings"],
-            "pair_share": pair_share, "train_pairs": len(train_pairs), "phrases": len(phrases),
+            "pair_share": pair_share, "phrase_share": phrase_share, "train_pairs": len(train_pairs), "phrases": len(phrases),
             "documents": len(texts), "heldout": items(heldout), "memory": items(memory[:MEMORY_SAMPLE])}
 
 
@@ -367,7 +370,9 @@ def parse_args(argv):
     p.add_argument("--corpus", type=Path, help="corpus file, built here if missing (default: "
                    f"{CORPUS_FILE.relative_to(REPO_ROOT)}, or {MIXED_CORPUS_FILE.name} beside it with --pairs)")
     p.add_argument("--pairs", type=Path, help="word-pairs file of scripts/make_word_pairs.py to train on too")
-    p.add_argument("--pair-share", type=float, default=0.2, help="share of training characters that are pairs")
+    p.add_argument("--pair-share", type=float, default=0.3, help="share of training characters that are pairs")
+    p.add_argument("--phrase-share", type=float, default=0.1,
+                   help="share of the pair documents' blocks that are example phrases rather than headwords")
     p.add_argument("--eval-pairs", type=int, help="held-out pairs scored (default: all)")
     p.add_argument("--baseline", action="store_true", help="also score the shipped demo model (demo/)")
     p.add_argument("--build-corpus-only", action="store_true", help="write the corpus file and exit")
@@ -408,7 +413,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         if args.pairs is not None and not args.pairs.is_file():
             raise SystemExit(f"--pairs {args.pairs} does not exist: make it with scripts/make_word_pairs.py")
-        corpus = build_corpus(tokenizer, tokenizer_file, args.pairs, args.pair_share, args.seed)
+        corpus = build_corpus(tokenizer, tokenizer_file, args.pairs, args.pair_share, args.phrase_share, args.seed)
         save_corpus(corpus, args.corpus)
         print(f"built {args.corpus} from Python {corpus['python']}'s stdlib in {time.perf_counter() - t0:.0f} s "
               f"({args.corpus.stat().st_size / 1e6:.1f} MB)")

@@ -94,10 +94,12 @@ def score_translation(backend, translation: dict, limit: int | None) -> dict:
     without the stop."""
     items = translation["heldout"][:limit]
     scores = translation_accuracy(backend, items)
-    for row, item in zip(scores["rows"], items):  # the dictionary's answers, for notebook 03's held-out table
-        row["translations"] = item["accepted"]
-    memory = translation_accuracy(backend, translation["memory"][:limit])
-    scores["memory"] = {k: v for k, v in memory.items() if k != "rows"}
+    memory_items = translation["memory"][:limit]
+    scores["memory"] = translation_accuracy(backend, memory_items)
+    # The dictionary's answers beside each row, for notebook 03's tables of training and held-out words.
+    for rows, scored in ((scores["rows"], items), (scores["memory"]["rows"], memory_items)):
+        for row, item in zip(rows, scored):
+            row["translations"] = item["accepted"]
     # Without stops the answer runs on into invented examples: what notebook 03 shows the stop sequence for.
     scores["without_stop"] = []
     for item in items[:4]:
