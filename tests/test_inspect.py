@@ -3,22 +3,20 @@ a 2-engine tensor-parallel CPU cluster, checked against the plain model run on g
 from __future__ import annotations
 
 import pickle
-import random
 import re
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-import glmkit
 from glmkit.generate.tokens import Context, prefill_inputs
 from glmkit.inspect import PATCHABLE, SITES
+
+from fuzzing import FuzzCall, fuzz
 
 MASKED = "def [MASK](self, other):\n    return self.value + other.value"  # [MASK]: pinned positions
 FEW_SHOT = "English: cheese\nGerman: Käse\nEnglish: house\nGerman:"  # no mask: [gMASK] appended
 SHORT = "x = [MASK] + y"
-GLMKIT_DIR = str(Path(glmkit.__file__).parent)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -507,34 +505,13 @@ def check_probe(method, result, kwargs, expect, pipeline) -> None:
 
 
 def test_random_probe_calls_return_or_name_the_argument(pipeline, forward_calls, time_limit):
-    rng = random.Random(FUZZ_SEED)
-    failures, outcomes = [], {"returned": 0, "refused": 0}
-    for number in range(FUZZ_CALLS):
+    def make_call(rng):
         method, args, kwargs, wrong, expect = random_probe(rng, pipeline)
-        described = f"call {number}: {method}(*{args!r:.100}, **{kwargs!r:.200})"
-        forward_calls.clear()
-        try:
-            with time_limit(20.0):
-                result = getattr(pipeline, method)(*args, **kwargs)
-        except (ValueError, TypeError) as error:
-            outcomes["refused"] += 1
-            frames = traceback.extract_tb(error.__traceback__)
-            if not wrong:
-                failures.append(f"{described}: a valid call raised {error!r}")
-            elif not any(re.search(re.escape(name), str(error)) for name in wrong):
-                failures.append(f"{described}: {error!r} names none of {wrong}")
-            elif forward_calls or not frames[-1].filename.startswith(GLMKIT_DIR):
-                failures.append(f"{described}: {error!r} came after compute or from outside glmkit")
-        except BaseException as error:  # noqa: BLE001 - anything else is what this test looks for
-            failures.append(f"{described}: {type(error).__name__}: {error}")
-        else:
-            outcomes["returned"] += 1
-            if wrong:
-                failures.append(f"{described}: returned although {wrong} is wrong")
-            else:
-                try:
-                    check_probe(method, result, kwargs, expect, pipeline)
-                except AssertionError as error:
-                    failures.append(f"{described}: bad result {error}")
-    assert not failures, "\n".join(failures[:10])
+        forward_calls.clear()  # a refusal must come before any forward pass of this call
+        return FuzzCall(f"{method}(*{args!r:.100}, **{kwargs!r:.200})",
+                        lambda: getattr(pipeline, method)(*args, **kwargs), [re.escape(name) for name in wrong],
+                        lambda result: check_probe(method, result, kwargs, expect, pipeline),
+                        refused_after_compute=lambda: bool(forward_calls))
+
+    outcomes = fuzz(FUZZ_SEED, FUZZ_CALLS, make_call, time_limit=time_limit, seconds=20.0)
     assert outcomes["returned"] > 40 and outcomes["refused"] > 30, outcomes
