@@ -9,9 +9,6 @@ from __future__ import annotations
 import math
 import random
 
-import pytest
-import torch
-
 from glmkit.generate.blanks import GenerationResult
 
 from fuzzing import FuzzCall, fuzz
@@ -147,15 +144,6 @@ def check_results(results, prompts, kwargs, blanks, not_text: set[int]) -> None:
             assert result.text[blank.start:blank.end] == blank.text
             assert len(blank.tokens) <= kwargs["max_new_tokens"]
             assert not set(blank.tokens) & not_text
-
-
-@pytest.fixture
-def one_thread():
-    # The CI machine's few cores are shared: one intra-op thread makes these tiny calls several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_random_calls_return_or_name_the_parameter(pipeline, time_limit, one_thread):
