@@ -33,6 +33,25 @@ def tokenizer(pipeline):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: the CI machine's few cores are shared, and one thread makes the
+    demo model's tiny forward passes several times faster (a cluster's engines set their own)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def forward_calls(pipeline):
+    """How many forward passes the pipeline's model has run since the test started."""
+    calls = []
+    handle = pipeline.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+@pytest.fixture
 def small_model():
     """A randomly initialised 2-layer GLM whose weights are large enough to give peaked distributions."""
     config = GLMConfig(num_layers=2, hidden_size=32, num_attention_heads=4, inner_hidden_size=48,

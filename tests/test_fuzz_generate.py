@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import math
 import random
-import re
-import traceback
-from pathlib import Path
 
-import pytest
-import torch
-
-import glmkit
 from glmkit.generate.blanks import GenerationResult
+
+from fuzzing import FuzzCall, fuzz
 
 SEED = 20261201
 CALLS = 1000
 PER_CALL_S = 20.0  # a valid call takes well under a second here; a hang is caught long before CI's limit
-GLMKIT_DIR = str(Path(glmkit.__file__).parent)
 
 # Settings: (valid values, invalid values). Ranges are the documented ones of GenerationSettings.
 SETTINGS = {
@@ -138,11 +132,6 @@ def random_call(rng: random.Random):
     return prompts, kwargs, blanks, wrong
 
 
-def raised_in_glmkit(error: BaseException) -> bool:
-    frames = traceback.extract_tb(error.__traceback__)
-    return bool(frames) and frames[-1].filename.startswith(GLMKIT_DIR)
-
-
 def check_results(results, prompts, kwargs, blanks, not_text: set[int]) -> None:
     single = isinstance(prompts, str)
     results = [results] if single else results
@@ -157,49 +146,16 @@ def check_results(results, prompts, kwargs, blanks, not_text: set[int]) -> None:
             assert not set(blank.tokens) & not_text
 
 
-@pytest.fixture
-def one_thread():
-    # The CI machine's few cores are shared: one intra-op thread makes these tiny calls several times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_random_calls_return_or_name_the_parameter(pipeline, time_limit, one_thread):
-    rng = random.Random(SEED)
     tokenizer = pipeline.tokenizer
     not_text = set(range(20000)) | (set(tokenizer.special_ids.values()) - {tokenizer.eop_id})
-    failures, outcomes = [], {"returned": 0, "refused": 0}
-    for number in range(CALLS):
+
+    def make_call(rng):
         prompts, kwargs, blanks, wrong = random_call(rng)
-        described = f"call {number}: generate({prompts!r:.120}, **{kwargs!r:.400})"
-        try:
-            with time_limit(PER_CALL_S):
-                results = pipeline.generate(prompts, **kwargs)
-        except (ValueError, TypeError) as error:
-            outcomes["refused"] += 1
-            if not wrong:
-                failures.append(f"{described}: a valid call raised {error!r}")
-            elif not raised_in_glmkit(error):
-                failures.append(f"{described}: {error!r} was raised outside glmkit")
-            elif not any(re.search(name, str(error)) for name in wrong):
-                failures.append(f"{described}: {error!r} names none of {wrong}")
-        except KeyboardInterrupt:
-            raise
-        except BaseException as error:  # noqa: BLE001 - anything else (a time limit too) is what this looks for
-            failures.append(f"{described}: {type(error).__name__}: {error}")
-        else:
-            outcomes["returned"] += 1
-            if wrong:
-                failures.append(f"{described}: returned although {wrong} is wrong")
-            else:
-                try:
-                    check_results(results, prompts, kwargs, blanks, not_text)
-                except AssertionError as error:
-                    failures.append(f"{described}: bad result {error}")
-        if len(failures) >= 10:
-            break
-    assert not failures, "\n".join(failures)
+        return FuzzCall(f"generate({prompts!r:.120}, **{kwargs!r:.400})",
+                        lambda: pipeline.generate(prompts, **kwargs), wrong,
+                        lambda results: check_results(results, prompts, kwargs, blanks, not_text))
+
+    outcomes = fuzz(SEED, CALLS, make_call, time_limit=time_limit, seconds=PER_CALL_S)
     # Both outcomes must be exercised often, or the fuzzing tests only one side.
     assert min(outcomes.values()) >= CALLS // 5, outcomes

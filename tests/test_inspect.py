@@ -1,34 +1,21 @@
 """Probes on the demo model (glmkit.inspect): traces, the logit lens and activation patching, in one process and on
-a 2-engine tensor-parallel CPU cluster, checked against the plain model run on generation's own inputs."""
+a 2-engine tensor-parallel CPU cluster, checked against the plain model run on generation's own inputs. Fuzzed
+probe calls: tests/test_fuzz_inspect.py."""
 from __future__ import annotations
 
 import pickle
-import random
-import re
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-import glmkit
 from glmkit.generate.tokens import Context, prefill_inputs
 from glmkit.inspect import PATCHABLE, SITES
 
 MASKED = "def [MASK](self, other):\n    return self.value + other.value"  # [MASK]: pinned positions
 FEW_SHOT = "English: cheese\nGerman: Käse\nEnglish: house\nGerman:"  # no mask: [gMASK] appended
 SHORT = "x = [MASK] + y"
-GLMKIT_DIR = str(Path(glmkit.__file__).parent)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CI machine's few cores are shared: one intra-op thread makes these tiny forward passes several times
-    # faster (the cluster's engines set their own).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's: these tiny forward passes run faster on one thread
 
 
 def first_context(pipeline, prompt: str) -> Context:
@@ -54,15 +41,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def hooks_of(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-@pytest.fixture
-def forward_calls(pipeline):
-    """How many forward passes the pipeline's model has run since the test started."""
-    calls = []
-    handle = pipeline.model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    yield calls
-    handle.remove()
 
 
 # ----- the logit lens -----------------------------------------------------------------------------
@@ -386,155 +364,3 @@ def test_what_tensor_parallel_ranks_exchange_and_ship_does_not_grow_with_the_voc
     assert abs(small["shipped"] - large["shipped"]) < 0.1 * small["shipped"]
     for record in (small, large):
         assert record["same_tokens"] and record["same_ranks"] and record["prob_error"] <= 1e-5
-
-
-# ----- fuzz -----------------------------------------------------------------------------------------
-
-FUZZ_SEED = 20261202
-FUZZ_CALLS = 150
-FUZZ_PROMPTS = [MASKED, FEW_SHOT, SHORT, "", "a [sMASK] b"]
-BAD_PROMPTS = [(None, "prompt"), (["x"], "prompt"), ("x [mask] y", "malformed mask")]
-
-
-def _indices(rng, length, valid: bool, name: str, beyond: int = 0):
-    """(value for an index selector over `length` items, the normalised indices it picks); an invalid value lies
-    outside `length + beyond` (a generation's tokens may follow the prompt's)."""
-    if valid:
-        case = rng.random()
-        if case < 0.25:
-            return None, list(range(length))
-        picked = [rng.randrange(-length, length) for _ in range(1 if case < 0.5 else rng.randint(1, 3))]
-        value = picked[0] if case < 0.5 else (picked if case < 0.8 else tuple(picked))
-        return value, sorted({p % length for p in picked})
-    bound = length + beyond
-    return rng.choice([bound, -bound - 1, [0, bound], [], 1.5, "0", True, [None]]), name
-
-
-def random_probe(rng, pipeline):
-    """(method, args, kwargs, the names an error may give (empty: a valid call), what a valid call must give)."""
-    layers_n = pipeline.model.config.num_layers
-    method = rng.choice(["trace", "logit_lens", "patch"])
-    wrong, expect = [], {}
-    bad = rng.random() < 0.4
-    spots = ["prompt", "layers", "positions", "other"]
-    spot = rng.choice(spots) if bad else None
-    if spot == "prompt":
-        prompt, problem = rng.choice(BAD_PROMPTS)
-        wrong.append("clean" if method == "patch" and problem == "prompt" else problem)
-    else:
-        prompt = rng.choice(FUZZ_PROMPTS)
-    n = len(first_context(pipeline, prompt).tokens) if isinstance(prompt, str) and spot != "prompt" else 5
-    kwargs = {}
-    value, expect["layers"] = _indices(rng, layers_n, spot != "layers", "layers")
-    if spot == "layers":
-        wrong.append("layers")
-    if value is not None or spot == "layers":
-        kwargs["layers"] = value
-    if method != "patch" and rng.random() < 0.3:
-        kwargs["max_new_tokens"] = rng.randint(0, 2)
-    value, expect["positions"] = _indices(rng, n, spot != "positions", "positions", kwargs.get("max_new_tokens", 0))
-    if spot == "positions":
-        wrong.append("positions")
-    if value is not None or spot == "positions":
-        kwargs["positions"] = value
-    if method == "patch":
-        # Keep sweeps small: at most 2 layers and 3 positions.
-        if "layers" not in kwargs or kwargs["layers"] is None:
-            kwargs["layers"], expect["layers"] = [0, -1], [0, layers_n - 1]
-        if "positions" not in kwargs or kwargs["positions"] is None:
-            kwargs["positions"], expect["positions"] = [-1], [n - 1]
-        sites = rng.sample(list(PATCHABLE), rng.randint(1, 2))
-        args = [prompt, prompt, rng.randrange(pipeline.tokenizer.num_tokens)]
-        if spot == "other":
-            name, value = rng.choice([("sites", "attention_probs"), ("sites", "resid"), ("target", -1),
-                                      ("target", ""), ("target_position", n), ("batch_size", 0),
-                                      ("corrupted", prompt + " one more")])
-            if name == "corrupted":
-                args[1], name = value, "clean and corrupted"
-            elif name == "target":
-                args[2] = value
-            else:
-                kwargs[name] = value
-            wrong.append(name)
-        kwargs.setdefault("sites", sites)
-        expect["sites"] = [s for s in PATCHABLE if s in kwargs["sites"]]
-        return method, args, kwargs, wrong, expect
-    if method == "trace":
-        sites = rng.sample(list(SITES), rng.randint(1, 4))
-        kwargs["sites"] = sites
-        expect["sites"] = sites
-        if spot == "other":
-            name, value = rng.choice([("sites", "resid"), ("sites", []), ("sites", [3]), ("max_bytes", 16),
-                                      ("max_bytes", 0), ("max_new_tokens", -1), ("max_new_tokens", 1.5)])
-            kwargs[name] = value
-            wrong.append(name)
-    else:
-        kwargs["top_k"] = rng.choice([1, 3, 20])
-        if rng.random() < 0.5:
-            token = rng.randrange(pipeline.tokenizer.num_tokens)
-            kwargs["target"] = rng.choice([token, pipeline.tokenizer.id_to_piece(token), "<eop>"])
-        if spot == "other":
-            name, value = rng.choice([("top_k", 0), ("top_k", 10**6), ("top_k", 2.5), ("target", -3),
-                                      ("target", "two words"), ("target", 1.5), ("max_bytes", 100)])
-            kwargs[name] = value
-            wrong.append(name)
-    return method, [prompt], kwargs, wrong, expect
-
-
-def check_probe(method, result, kwargs, expect, pipeline) -> None:
-    hidden = pipeline.model.config.hidden_size
-    n = len(result.ids) if method != "patch" else None
-    positions = expect["positions"]
-    if method != "patch" and kwargs.get("max_new_tokens"):  # the sequence may be longer than the prompt
-        value = kwargs.get("positions")
-        picked = [value] if isinstance(value, int) else value
-        positions = list(range(n)) if value is None else sorted({p % n for p in picked if -n <= p < n})
-    if method == "trace":
-        assert sorted(result.values) == sorted(set(expect["sites"]))
-        for site, values in result.values.items():
-            assert list(result.layers[site]) == expect["layers"]
-            shape = (len(expect["layers"]), len(positions), hidden) if site != "attention_probs" else \
-                (len(expect["layers"]), pipeline.model.config.num_attention_heads, len(positions), n)
-            assert tuple(values.shape) == shape and torch.isfinite(values).all()
-    elif method == "logit_lens":
-        k = kwargs["top_k"]
-        assert len(result.top) == len(expect["layers"]) * len(positions) * k
-        assert result.top["prob"].between(0, 1).all() and set(result.top["rank"]) == set(range(1, k + 1))
-        assert (result.target is None) == ("target" not in kwargs)
-    else:
-        assert len(result) == len(expect["sites"]) * len(expect["layers"]) * len(expect["positions"])
-        assert (result["logprob_change"] == 0).all()  # clean and corrupted are the same prompt
-
-
-def test_random_probe_calls_return_or_name_the_argument(pipeline, forward_calls, time_limit):
-    rng = random.Random(FUZZ_SEED)
-    failures, outcomes = [], {"returned": 0, "refused": 0}
-    for number in range(FUZZ_CALLS):
-        method, args, kwargs, wrong, expect = random_probe(rng, pipeline)
-        described = f"call {number}: {method}(*{args!r:.100}, **{kwargs!r:.200})"
-        forward_calls.clear()
-        try:
-            with time_limit(20.0):
-                result = getattr(pipeline, method)(*args, **kwargs)
-        except (ValueError, TypeError) as error:
-            outcomes["refused"] += 1
-            frames = traceback.extract_tb(error.__traceback__)
-            if not wrong:
-                failures.append(f"{described}: a valid call raised {error!r}")
-            elif not any(re.search(re.escape(name), str(error)) for name in wrong):
-                failures.append(f"{described}: {error!r} names none of {wrong}")
-            elif forward_calls or not frames[-1].filename.startswith(GLMKIT_DIR):
-                failures.append(f"{described}: {error!r} came after compute or from outside glmkit")
-        except BaseException as error:  # noqa: BLE001 - anything else is what this test looks for
-            failures.append(f"{described}: {type(error).__name__}: {error}")
-        else:
-            outcomes["returned"] += 1
-            if wrong:
-                failures.append(f"{described}: returned although {wrong} is wrong")
-            else:
-                try:
-                    check_probe(method, result, kwargs, expect, pipeline)
-                except AssertionError as error:
-                    failures.append(f"{described}: bad result {error}")
-    assert not failures, "\n".join(failures[:10])
-    assert outcomes["returned"] > 40 and outcomes["refused"] > 30, outcomes

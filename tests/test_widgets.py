@@ -182,6 +182,20 @@ def test_invalid_parameters_show_a_message_and_start_nothing(fake):
         pg.set(nucleus=0.5)
 
 
+@pytest.mark.parametrize("make, start", [(lambda b: Playground(b, prompt="go", max_new_tokens=500), "generate"),
+                                         (lambda b: FewShot(b, queries=["a"], max_new_tokens=500), "run")])
+def test_a_second_start_while_running_says_press_stop_and_starts_nothing(tokenizer, make, start):
+    backend = FakeBackend(tokenizer, script=["x"] * 500, delay=0.01)
+    tool = make(backend)
+    getattr(tool, start)()  # the method, not the button: a notebook can call it while the button is disabled
+    assert wait_until(lambda: backend.calls)
+    running = tool._thread
+    getattr(tool, start)()
+    assert "press Stop first" in tool.status.value and tool._thread is running
+    tool.stop()
+    assert tool.wait(3) and len(backend.calls) == 1
+
+
 def test_backend_errors_show_in_the_widget_and_the_tool_recovers(tokenizer):
     backend = FakeBackend(tokenizer, script=["a", "b", "c"], fail_after=2)
     pg = Playground(backend, prompt="p")

@@ -99,6 +99,17 @@ def test_run_returns_at_once_and_stop_keeps_what_is_finished(tokenizer):
     assert not tool.run_button.disabled and tool.stop_button.disabled
 
 
+def test_a_second_run_while_running_says_press_stop_and_starts_nothing(tokenizer):
+    backend = SlowScorer(tokenizer, delay=0.3)
+    tool = EvalWidget(backend, "stdlib-mc", limit=20)
+    tool.run()
+    running = tool._thread
+    tool.run()
+    assert "press Stop first" in tool.status.value and tool._thread is running
+    tool.stop()
+    assert tool.wait(10)
+
+
 @pytest.mark.parametrize("control, value, message", [
     ("shots", "0, x", "k (shots) must be whole numbers"),
     ("shots", "1, 1", "repeats"),

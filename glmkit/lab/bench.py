@@ -11,9 +11,10 @@ over `tp` processes, measures the device's copy bandwidth, and times:
   - prefill of a prompt;
   - optionally SAT's own GLM130B (`against="sat"`), patched, on the very same weight tensors, decoding
     in filling_sequence's shape (glmkit.lab.sat_reference).
-It returns one JSON-ready dict; RESULT_KEYS and BATCH_KEYS document every key. GPU numbers come from CUDA
-events or synchronised host clocks, after warm-up, as medians over repeats. On CPU the same code runs
-(tiny configs, for tests): graphs are off, the bandwidth is a host memcpy and memory comes from the OS.
+What to measure is a BenchOptions (glmkit.lab.bench_options). It returns one JSON-ready dict; RESULT_KEYS and
+BATCH_KEYS document every key. GPU numbers come from CUDA events or synchronised host clocks, after warm-up, as
+medians over repeats. On CPU the same code runs (tiny configs, for tests): graphs are off, the bandwidth is a
+host memcpy and memory comes from the OS.
 """
 from __future__ import annotations
 
@@ -23,12 +24,11 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..config import DTYPES, PRESETS, GLMConfig, check_precision, load_config
+from ..config import DTYPES, GLMConfig
 from ..generate.graphs import DecodeStep
 from ..generate.budget import kv_cache_bytes
 from ..generate.tokens import Generator, prefill_inputs
@@ -36,6 +36,8 @@ from ..model import GLM
 from .random_model import build_random_model, random_contexts, weight_bytes
 from ..generate.sampling import GenerationSettings
 from .timing import Clock, collective_step_ms, free_cached, measure_bandwidth, memory_info, peak_bytes, reset_peak
+# What to measure lives in bench_options; its names stay importable from here (cli, notebooks, tests).
+from .bench_options import BenchOptions, check_can_run, default_device, resolve_config  # noqa: F401
 
 # Every top-level key of the result, with its meaning (tests check that all are present).
 RESULT_KEYS = {
@@ -118,77 +120,6 @@ SAT_KEYS = {
     "prefill_max_abs_diff": "max |logits_SAT - logits_glmkit| of the batch-1 prefill: same weights, same model",
     "peak_gpu_bytes": "peak allocated device memory of SAT's part of the run (rank 0)",
 }
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    """What to measure: the architecture, precision, device, parallelism and run lengths."""
-
-    config: GLMConfig
-    config_name: str = "custom"
-    dtype: str = "fp16"
-    device: str = "cuda"
-    quantization: str | None = None  # None, "int8" or "int4"
-    tp: int = 1
-    batches: tuple[int, ...] = (1,)
-    prompt_tokens: int = 128
-    new_tokens: int = 64
-    repeats: int = 3
-    copy_bytes: int | None = None  # None: 1 GiB on CUDA, 64 MiB on CPU
-    against: str | None = None  # "sat": SAT's GLM130B on the same weights
-    seed: int = 0
-    verify_context: bool = False
-    kernel_configs: str | None = None  # tuned quantized-kernel launch parameters (None: the shipped file)
-    all_reduce: str = "auto"  # "auto": symmetric memory for small GPU all-reduces where available; "nccl"
-
-    def __post_init__(self):
-        check_precision(self.dtype, self.quantization)
-        object.__setattr__(self, "batches", tuple(self.batches))
-        if not self.batches or any(b < 1 for b in self.batches):
-            raise ValueError(f"batches must be positive sizes, got {self.batches}")
-        if self.tp < 1:
-            raise ValueError(f"tp must be at least 1, got {self.tp}")
-        self.config.check_shardable(self.tp)
-        if self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1:
-            raise ValueError("prompt_tokens >= 1, new_tokens >= 2 and repeats >= 1 are needed")
-        if self.prompt_tokens + self.new_tokens > self.config.max_sequence_length:
-            raise ValueError(f"prompt_tokens + new_tokens = {self.prompt_tokens + self.new_tokens} exceeds "
-                             f"max_sequence_length {self.config.max_sequence_length}")
-        if self.against not in (None, "sat"):
-            raise ValueError(f"against must be None or 'sat', got {self.against!r}")
-        if self.against == "sat" and (self.dtype != "fp16" or self.quantization is not None):
-            raise ValueError("--against sat needs --dtype fp16 without quantization: SAT's GLM130B runs fp16 "
-                             "only (it casts attention probabilities with .half())")
-        if self.all_reduce not in ("auto", "nccl"):
-            raise ValueError(f"all_reduce must be 'auto' or 'nccl', got {self.all_reduce!r}")
-        if self.kernel_configs is not None and not Path(self.kernel_configs).is_file():
-            raise ValueError(f"kernel_configs {self.kernel_configs!r} is not a file; write one with "
-                             f"scripts/bench_quant.py kernels --write-configs PATH")
-        if self.verify_context and self.tp > 1:
-            raise ValueError("verify_context runs at tp=1 only (an out-of-memory on one rank would leave the "
-                             "others waiting in a collective)")
-
-
-def default_device() -> str:
-    """Where a benchmark runs unless told otherwise: the first GPU if there is one, else the CPU."""
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_config(name_or_path: str, layers: int | None = None):
-    """(name, GLMConfig, KitConfig or None) for a preset name, a config under configs/ or a YAML path."""
-    kit = None
-    try:
-        kit = load_config(name_or_path)
-        config = kit.model
-    except FileNotFoundError:
-        if name_or_path not in PRESETS:
-            raise FileNotFoundError(f"{name_or_path!r} is neither a preset ({sorted(PRESETS)}) nor a config "
-                                    f"name under configs/ nor a YAML path") from None
-        config = PRESETS[name_or_path]
-    if layers is not None:
-        config = dataclasses.replace(config, num_layers=layers)
-    name = Path(name_or_path).stem if kit is None else kit.name
-    return name, config, kit
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -471,20 +402,6 @@ def _rank_main(rank: int, options: BenchOptions, port: int, result_path: str) ->
             from sat import mpu
             mpu.destroy_model_parallel()
         groups.close()
-
-
-def check_can_run(options: BenchOptions) -> None:
-    """Fail fast, before any GPU work, on what would fail later (missing GPUs, SAT, quantization)."""
-    device = torch.device(options.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {options.device} asked for, but this machine has no CUDA GPU; "
-                             f"use --device cpu")
-        if options.tp > torch.cuda.device_count():
-            raise ValueError(f"--tp {options.tp} needs {options.tp} GPUs; {torch.cuda.device_count()} visible")
-    if options.against == "sat":
-        from .sat_reference import require_sat
-        require_sat(need_cuda=True)
 
 
 def run_bench(options: BenchOptions) -> dict:

@@ -6,7 +6,7 @@ import html
 import threading
 import traceback
 import weakref
-from typing import Callable
+from typing import Callable, TypeVar
 
 import ipywidgets as w
 
@@ -14,6 +14,8 @@ import ipywidgets as w
 # a cluster's engines run one lockstep call at a time, and two CPU generations would only thrash.
 _BACKEND_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+
+Checked = TypeVar("Checked")
 
 
 def backend_lock(backend) -> threading.Lock:
@@ -60,8 +62,9 @@ class Tool:
     """Base of the widget tools: `root` is what Jupyter displays; errors land in `errors`, never vanish.
 
     Subclasses build their widgets, then call `_finish(children)`. Callbacks are wrapped with
-    `self._guarded`, and generation runs through `self._start(work)` on a background thread, so the
-    kernel stays free (the Stop button must be clickable while the model runs).
+    `self._guarded`; a Run button checks the controls with `self._begin(validate)`, then generation runs
+    through `self._start(work)` on a background thread, so the kernel stays free (the Stop button must be
+    clickable while the model runs).
     """
 
     def __init__(self):
@@ -151,6 +154,21 @@ class Tool:
         if thread is not None:
             thread.join(timeout)
         return not self.running
+
+    def _begin(self, validate: Callable[[], Checked], busy: str = "already running: press Stop first"
+               ) -> Checked | None:
+        """What a Run button does before starting: `validate()`'s (not None) result, or None after saying why
+        not: `busy` while a run is in progress, glmkit's message when the controls hold bad input. Input
+        errors are checked here, in the kernel's thread, so they show at once and nothing starts."""
+        if self.running:
+            self.status.value = info_html(busy)
+            return None
+        self.clear_errors()
+        try:
+            return validate()
+        except (ValueError, TypeError) as error:
+            self.report_error(error)
+            return None
 
     def _start(self, work: Callable[[threading.Event], None], lock: threading.Lock,
                on_done: Callable[[], None]) -> None:

@@ -191,15 +191,10 @@ class EvalWidget(Tool):
 
     def run(self) -> None:
         """Evaluate in the background with the current controls (what the Run button does)."""
-        if self.running:
-            self.status.value = info_html("already running: press Stop first")
+        checked = self._begin(lambda: (self.task(), self.options()))
+        if checked is None:
             return
-        self.clear_errors()
-        try:
-            task, options = self.task(), self.options()
-        except (ValueError, TypeError) as error:
-            self.report_error(error)
-            return
+        task, options = checked
         total = _units(task, options)
         self._done = 0
         self.progress.max, self.progress.value = max(total, 1), 0

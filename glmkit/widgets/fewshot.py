@@ -227,22 +227,10 @@ class FewShot(Tool):
 
     def run(self) -> None:
         """Answer every query in the background (what the Run button does); rows appear as they finish."""
-        if self.running:
-            self.status.value = info_html("already running: press Stop first")
+        checked = self._begin(self._checked_request)
+        if checked is None:
             return
-        self.clear_errors()
-        try:
-            template = self.template
-            queries = self.query_list()
-            if not queries:
-                raise ValueError("enter at least one query (one per line)")
-            kwargs = self.generation_kwargs()
-            GenerationSettings.from_kwargs(**kwargs, stop=template.stop_sequences())
-            for query in queries:
-                template.build_prompt(query)
-        except (ValueError, TypeError) as error:
-            self.report_error(error)
-            return
+        template, queries, kwargs = checked
         self._rows = []
         self.results_view.value = ""
         self.status.value = info_html(f"running {len(queries)} queries…")
@@ -263,6 +251,18 @@ class FewShot(Tool):
             self._set_running(False)
 
         self._start(work, backend_lock(self.backend), on_done=done)
+
+    def _checked_request(self) -> tuple[FewShotTemplate, list[str], dict]:
+        """(template, queries, generate() kwargs), each prompt built once so bad input fails before any run."""
+        template = self.template
+        queries = self.query_list()
+        if not queries:
+            raise ValueError("enter at least one query (one per line)")
+        kwargs = self.generation_kwargs()
+        GenerationSettings.from_kwargs(**kwargs, stop=template.stop_sequences())
+        for query in queries:
+            template.build_prompt(query)
+        return template, queries, kwargs
 
     def _show_rows(self) -> None:
         frame = pd.DataFrame(self._rows, columns=RESULT_COLUMNS)[_SHOWN_COLUMNS]

@@ -307,19 +307,11 @@ class Playground(Tool):
 
     def generate(self) -> None:
         """Start generating from the current prompt in the background (what the Generate button does)."""
-        if self.running:
-            self.status.value = info_html("already generating: press Stop first")
-            return
-        self.clear_errors()
         prompt = self.prompt.value
-        try:
-            settings = self.settings()
-            kwargs = kwargs_for(settings)
-            plan_prompt(self.tokenizer, prompt, max_sequence_length=1 << 30)  # mask errors, early
-            other = self._compare_plan(settings) if self.compare.value else None
-        except (ValueError, TypeError) as error:
-            self.report_error(error)
+        checked = self._begin(lambda: self._checked_request(prompt), busy="already generating: press Stop first")
+        if checked is None:
             return
+        settings, kwargs, other = checked
         self._clear_answer()
         self._layout(prompt)
         self._blanks = [[]]  # the first blank shows as live (with a cursor) until text arrives
@@ -332,6 +324,14 @@ class Playground(Tool):
             lock = LockPair(lock, backend_lock(other[0]))
         self._start(lambda abort: self._run(prompt, settings, kwargs, other, abort), lock,
                     on_done=lambda: self._set_running(False))
+
+    def _checked_request(self, prompt: str) -> tuple[dict, dict, tuple | None]:
+        """(settings, generate() kwargs, compare mode's second run or None); bad input fails here, early."""
+        settings = self.settings()
+        kwargs = kwargs_for(settings)
+        plan_prompt(self.tokenizer, prompt, max_sequence_length=1 << 30)  # mask errors, before any run
+        other = self._compare_plan(settings) if self.compare.value else None
+        return settings, kwargs, other
 
     def _layout(self, prompt: str) -> None:
         self._pieces = MASK_PATTERN.split(prompt)
