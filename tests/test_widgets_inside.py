@@ -370,22 +370,23 @@ CODE = "def [MASK](self, other):\n    return self.value + other.value"
 
 
 def test_the_widgets_show_the_demo_models_probes(pipeline, tokenizer):
-    fill = pipeline.generate(CODE, max_new_tokens=5).blanks[0].tokens  # ' _get_value': ▁ _ get _ value
+    fill = pipeline.generate(CODE, max_new_tokens=5).blanks[0].tokens  # ' _value': ▁ _ value
     texts = [tokenizer.token_text(t) for t in fill]
-    grid = LogitLensGrid.from_backend(pipeline, CODE, max_new_tokens=len(fill), top_k=3,
-                                      target=fill[texts.index("get")])  # the id: text "get" reads as '▁get'
+    watch = len(fill) - 1  # the fill's last token ('value'), followed by its id: inside a word
+    grid = LogitLensGrid.from_backend(pipeline, CODE, max_new_tokens=len(fill), top_k=3, target=fill[watch])
     top_layer, sop = max(grid.layers), grid.tokens.index("<sop>")
     assert grid.positions == list(range(len(grid.tokens))) and len(grid.tokens) == sop + 1 + len(fill)
     # The top layer of the lens is the model's own prediction: along the fill, the next token it generated.
     for step, token in enumerate(fill):
         shown = grid.cell(top_layer, sop + step)
         assert shown["text"] == token_text(tokenizer.token_text(token))
-    get = sop + texts.index("get")  # the position that predicts 'get'
-    first = grid.first_layer(get, token="get")
-    assert first is not None and all(grid.cell(layer, get)["token"] == "get" for layer in grid.layers if layer >= first)
-    assert first == min(grid.layers) or grid.cell(first - 1, get)["token"] != "get"
+    at = sop + watch  # the position that predicts it
+    first = grid.first_layer(at, token_id=fill[watch])
+    word = texts[watch]
+    assert first is not None and all(grid.cell(layer, at)["token"] == word for layer in grid.layers if layer >= first)
+    assert first == min(grid.layers) or grid.cell(first - 1, at)["token"] != word
     grid.view.value = "target rank"
-    assert grid.table().loc[top_layer, get] == "#1"
+    assert grid.table().loc[top_layer, at] == "#1"
 
     view = AttentionView.from_backend(pipeline, CODE, layers=[0, 7])
     assert list(view.layer.options) == [0, 7] and view.tokens[-1] == "<sop>"

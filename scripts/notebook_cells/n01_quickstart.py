@@ -18,11 +18,12 @@ CONFIG = "glm-tiny"; ENGINES = 2  # on a GPU node: CONFIG = "glm-130b"; ENGINES 
     md("""\
 **About the demo model.** `glm-tiny` is GLM-130B's architecture at toy size (7.9 M parameters), saved in
 the official SwissArmyTransformer layout (2 shards) with a small tokenizer in icetk's conventions. It was
-trained for 7.1 minutes on one H200 on the Python standard library and English → German word pairs from
-Debian's FreeDict dictionary (`docs/demo-model.md`), so it fills blanks in Python and docstring English —
-`def [MASK](self, other): return self.value + other.value` becomes `def _get_value(self, other): ...`,
-`import os\nimport [MASK]` becomes `import sys` — and answers `English: house\nGerman:` with `Haus`, but
-translates few words it was not shown, and rambles on long continuations. Everything around the text — masks, streaming, stop sequences,
+trained for 6 minutes on one H200 on the Python standard library and a 5,000-word English → German
+dictionary from Debian's FreeDict (`docs/demo-model.md`), so it fills blanks in Python and docstring English —
+`def [MASK](self, other): return self.value + other.value` becomes `def _value(self, other): ...`,
+`import os\nimport [MASK]` becomes `import threading` — and answers `English: house\nGerman:` with `Haus`
+(89 % of its dictionary's words come back), but cannot translate a word it was not shown, and rambles on long
+continuations. Everything around the text — masks, streaming, stop sequences,
 stopping, timings, checkpoints — works exactly as with the real model, and that is what these notebooks show.
 
 ## Start the engines

@@ -47,7 +47,7 @@ Everything the buttons do is a method: `set()` changes settings by name, `genera
 button (it returns at once), `wait()` waits for the run to finish and `result` is its `GenerationResult`.
 Watch the widget above while this runs."""),
     code("""\
-playground.prompt.value = "English: cheese\\nGerman: Käse\\nEnglish: house\\nGerman:"
+playground.prompt.value = "English: cheese\\nGerman: Käse\\nEnglish: tree\\nGerman:"
 playground.set(strategy="sampling", temperature=0.8, top_p=0.95, seed=42, stop=["\\n"], max_new_tokens=16)
 playground.generate()
 playground.wait(120)

@@ -14,11 +14,12 @@ example would begin. glmkit's few-shot templates build the prompt and derive the
 Change only the next cell to use a GPU node.
 
 **What the demo model can do here.** `glm-tiny` (7.9 M parameters) was trained on the Python standard library
-plus 60,000 English → German word pairs from Debian's FreeDict dictionary, written in this notebook's
-`English: … German: …` layout (`docs/demo-model.md`). It has learnt the *pattern*: it answers with one German
-word and a newline, so the stop sequences have real work to do. It has learnt few *translations*: some
-common words it was shown (`house` → `Haus`), very few words it was never shown — 0.7 % of 300 held-out
-words exactly, 2.7 % with any translation the dictionary gives. GLM-130B is the model for real answers."""),
+plus a 5,000-word English → German dictionary from Debian's FreeDict (the most common words), written in
+this notebook's `English: … German: …` layout (`docs/demo-model.md`). It has learnt the *pattern* — it
+answers with German and a newline, so the stop sequences have real work to do — and it has learnt the
+*dictionary*: 89 % of a sample of its words come back exactly, none of them shown in the prompt. What it
+cannot do is translate a word it never saw translated: of 300 common words held out of training it gets 2 %
+right. A 7.9 M-parameter model stores a vocabulary; it does not learn German. GLM-130B is the model for that."""),
     config("""\
 CONFIG = "glm-tiny"; ENGINES = 2  # on a GPU node: CONFIG = "glm-130b"; ENGINES = None (one engine per GPU)"""),
     code(START_CLUSTER),
@@ -63,32 +64,49 @@ pd.DataFrame({"stop sequences": ["none", repr(translate.stop_sequences())],
 `use_stops=False`) and returns a DataFrame: the query, the answer (the completion without surrounding
 whitespace), the raw completion, why it ended, tokens, seconds and the prompt.
 
-First words the demo model saw paired in training. It gets four of these six right (`Haus`, `Wasser`,
-`Baum`, `Mutter`) and answers the others with a wrong German word (`dog` → `Decken`): it remembered only
-some of the 60,000 pairs (5.3 % of a sample of 300 training pairs exactly)."""),
+First a few everyday words. The prompt shows only `cheese`, `the house`, `good morning` and `thank you very
+much`; the rest the model has to know. It answers `Haus`, `Wasser`, `Baum`, `Mutter` and `Hund`; `the cat`
+gets a wrong article and noun — the dictionary has `cat`, not `the cat`."""),
     code("""\
 queries = ["house", "water", "tree", "mother", "dog", "the cat"]
 answers = translate.run(cluster, queries, max_new_tokens=8)
 answers[["query", "answer", "finish_reason", "tokens", "seconds"]]"""),
     md("""\
-Now **held-out** words: the 300 pairs kept out of training, listed with the demo model's scores in
-`docs/demo-model/training_log.json`; here every 30th of them, not a chosen few. The answers are German
-words, cut by the stop, but almost never the right ones: the model cannot know a translation it never saw,
-except for a few look-alikes the held-out scoring found (`Alpine` → `Alpin`, `financial` → `finanziell`).
-With GLM-130B (`CONFIG = "glm-130b"`) the same cell scores a real model."""),
+Now words **held out of the prompt**, not chosen by hand: every 30th of the 300 dictionary words that
+`docs/demo-model/training_log.json` scored (an even sample of the 5,000 the model was trained on; none is one
+of the prompt's examples). Most come back as the dictionary's German."""),
     code("""\
 import json
 
 from glmkit.config import REPO_ROOT
 
 scored = json.loads((REPO_ROOT / "docs" / "demo-model" / "training_log.json").read_text())["result"]["translation"]
-heldout = scored["rows"][::30]
-table = translate.run(cluster, [row["english"] for row in heldout], max_new_tokens=8)
-table["dictionary"] = [row["german"] for row in heldout]
-table["correct"] = [answer in row["translations"] for answer, row in zip(table["answer"], heldout)]
-print(f"demo model on all {scored['count']} held-out pairs: exact {scored['exact']:.1%}, "
-      f"any dictionary translation {scored['accepted']:.1%}; here {table['correct'].sum()} of {len(table)} correct")
-table[["query", "answer", "dictionary", "correct", "finish_reason"]]"""),
+
+
+def dictionary_table(rows: list[dict]) -> pd.DataFrame:
+    # The template's answers for these scored words, beside the dictionary's German.
+    table = translate.run(cluster, [row["english"] for row in rows], max_new_tokens=8)
+    table["dictionary"] = [row["german"] for row in rows]
+    table["correct"] = [answer in row["translations"] for answer, row in zip(table["answer"], rows)]
+    return table[["query", "answer", "dictionary", "correct", "finish_reason"]]
+
+
+known = dictionary_table(scored["memory"]["rows"][::30])
+memory = scored["memory"]
+print(f"demo model on all {memory['count']} sampled dictionary words: exact {memory['exact']:.1%}, "
+      f"any dictionary translation {memory['accepted']:.1%}; here {known['correct'].sum()} of {len(known)} correct")
+known"""),
+    md("""\
+Last the words **held out of training** as well: 300 common words (drawn, seeded, from the 3,000 most
+common) that no training pair or phrase contains; here every 30th. The answers are German words cut by the
+stop (or by the token limit), but almost never the right ones: nothing in its training tells the model what
+`rain` is in German; the odd hit (`complete` → `völlig`) is a common word's usual partner.
+With GLM-130B (`CONFIG = "glm-130b"`) the same cells score a real model."""),
+    code("""\
+unseen = dictionary_table(scored["rows"][::30])
+print(f"demo model on all {scored['count']} held-out words: exact {scored['exact']:.1%}, "
+      f"any dictionary translation {scored['accepted']:.1%}; here {unseen['correct'].sum()} of {len(unseen)} correct")
+unseen"""),
     code("""\
 without_stops = translate.run(cluster, queries, use_stops=False, max_new_tokens=8)
 pd.DataFrame({"query": queries, "with stops": answers["completion"],
@@ -102,9 +120,10 @@ newline. A model often opens its answer with whitespace or the separator itself:
 answer after such leading whitespace, so a whitespace-only stop such as `"\\n\\n"` ends the code, not the
 empty start (`completion` keeps the raw text, `answer` the rest).
 
-The demo model does **not** write code here: trained on one-word translations in the `English: …` layout,
-it answers this prompt with one word (`reverse a list` → `Variance`, cut by the `"\\n\\n"` stop) or with
-junk that runs to the token limit (`nullull…`). The template works; the model is too small for the task."""),
+The demo model does **not** write code here: trained on translations in the `English: …` layout, it
+answers this prompt with a word and an invented `German:` line that runs to the token limit (`reverse a
+list` → `suitable`), or with junk the `"\\n\\n"` stop cuts short (`5`). The template works; the model is too
+small for the task."""),
     code("""\
 to_python = load_template("en-python")
 print(to_python.build_prompt("reverse a list"))

@@ -20,9 +20,10 @@ The demo model fits in this kernel, so this notebook runs it in-process with `gl
 has the same `generate()`. On a GPU node, change only the next cell.
 
 The demo model was trained on Python's standard library (and English → German word pairs) with exactly
-these masks, so it fills code blanks sensibly: `import os\nimport [MASK]` → `import sys`,
-`def [MASK](self, other): return self.value + other.value` → `def _get_value(self, other)`. Prose is weaker:
-`Return True if the [MASK] is empty, False otherwise.` → `second`."""),
+these masks, so it fills code blanks sensibly: `import os\nimport [MASK]` → `import threading`,
+`def [MASK](self, other): return self.value + other.value` → `def _value(self, other)`. Prose is weaker:
+`Return True if the [MASK] is empty, False otherwise.` → `second`, and a `[MASK]` fill may run on past the
+blank (`threading\nimport` below): the model has only a rough sense of where a short span ends."""),
     config("""\
 CONFIG = "glm-tiny"; CLUSTER = False; ENGINES = 2
 # on a GPU node: CONFIG = "glm-130b"; CLUSTER = True; ENGINES = None (one engine per GPU)"""),

@@ -58,17 +58,17 @@ top row being the model's output. Hover a cell for the top tokens and their prob
 switch to its probability or rank."""),
     code("""\
 texts = [tokenizer.token_text(t) for t in fill.tokens]
-watch = texts.index("get") if "get" in texts else len(texts) - 1  # the demo model's 'get', else the last token
+watch = len(texts) - 1  # the fill's last token: 'value' on the demo model
 lens = glm.logit_lens(PROMPT, max_new_tokens=len(fill.tokens), top_k=5, target=fill.tokens[watch])
 lens_grid = LogitLensGrid(lens)
 lens_grid"""),
     md("""\
 **In which layer does each token of the fill become the top prediction?** The position that predicts the
 fill's token *k* is `sop` + *k*; `first_layer` finds the lowest layer from which that token stays on top all
-the way up to the output. The target column follows `get` (its rank at the position that predicts it,
-layer by layer; switch the grid to *target rank* to see it everywhere). On the demo model most of the fill
-reaches the top only in the last layer or two, while its rank climbs through the lower ones: a small model
-decides late. In the lowest layers the lens mostly shows each position's *own* token: the output embedding is
+the way up to the output. The target column follows the fill's last token, `value` (its rank at the
+position that predicts it, layer by layer; switch the grid to *target rank* to see it everywhere). On the demo model the fill reaches
+the top only in the upper layers (5 to 7 of 0–7), while its rank climbs through the lower ones: a small
+model decides late. In the lowest layers the lens mostly shows each position's *own* token: the output embedding is
 the input embedding (tied), and little has been added to it yet."""),
     code("""\
 rows = []
