@@ -137,3 +137,18 @@ def test_bad_shapes_are_clear_errors():
 
 if __name__ == "__main__":
     print(json.dumps(_run_cases()))
+
+
+def test_range_count_follows_programs_per_sm_and_waves(monkeypatch):
+    # The rule choose_splits applies on an H200 (132 SMs, GLM-130B's 96 heads), without needing the card:
+    # few programs split to fill the SMs, one wave keeps one range, several waves cut long caches to 512.
+    from glmkit.kernels import attention
+
+    monkeypatch.setitem(attention._SM_COUNT, 0, 132)
+    device = torch.device("cuda", 0)
+    chosen = {(batch, length): attention.choose_splits(batch * 96, length, device)
+              for batch in (1, 8, 32) for length in (512, 1984, 2048)}
+    assert chosen[(1, 2048)] == 8 and chosen[(1, 512)] == 4  # 6 programs per SM, >= 128 positions a range
+    assert chosen[(8, 512)] == chosen[(8, 2048)] == 1  # 768 programs: one wave
+    assert chosen[(32, 2048)] == chosen[(32, 1984)] == 4 and chosen[(32, 512)] == 1  # 3,072 programs: waves
+    assert attention.choose_splits(96, 2048, torch.device("cpu")) == 1

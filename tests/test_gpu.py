@@ -70,7 +70,7 @@ def test_decode_step_logits_with_kernels_track_eager_ops():
     assert torch.equal(fused.argmax(-1), eager.argmax(-1))
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, 8, 32])
 def test_decode_attention_over_split_cache_ranges_matches_one_program(batch):
     # GLM-130B's head count and head dim at a 2,000-position cache, the long-context case the split serves.
     from glmkit.kernels.attention import choose_splits, decode_attention
@@ -83,12 +83,12 @@ def test_decode_attention_over_split_cache_ranges_matches_one_program(batch):
     values = torch.randn_like(keys)
     cos, sin = rotary_tables(torch.full((batch, 1), slot, device="cuda"), hd, 10000.0, torch.float16)
     allowed = (torch.arange(length, device="cuda") <= slot).expand(batch, 1, 1, length)
-    if batch == 1:
+    if batch != 8:
         assert choose_splits(batch * heads, length, qkv.device) > 1  # the automatic choice splits here
     single = decode_attention(qkv, cos, sin, keys.clone(), values.clone(), torch.tensor([slot], device="cuda"),
                               allowed, 7.0, splits=1).float()
     split = decode_attention(qkv, cos, sin, keys, values, torch.tensor([slot], device="cuda"), allowed, 7.0,
-                             splits=None if batch == 1 else 4).float()
+                             splits=None if batch != 8 else 4).float()
     assert (split - single).abs().max().item() <= 2e-3 * single.abs().max().item()
 
 
