@@ -18,6 +18,9 @@ from glmkit.generate.scoring import ContinuationScore, ScoreRequest, Tokens
 from glmkit.serve.cluster import GLMCluster
 
 TOL = 1e-5
+# Packed rows are other matrix shapes than one choice alone, so fp32 rounds differently in every layer: on the
+# demo model (logits up to ~30) their log-probabilities agree to about 2e-6 relative, 1.6e-5 absolute at most.
+PACKED_TOL = 5e-5
 
 
 def _close(a: ContinuationScore, b: ContinuationScore, tol: float = TOL) -> None:
@@ -116,8 +119,8 @@ def test_packed_choices_equal_each_choice_scored_alone(pipeline, tokenizer, opti
     for i, context in enumerate(contexts):
         for j, choice in enumerate(choices):
             alone = pipeline.score(context, choice, **options)
-            _close(packed[i][j], alone)
-            _close(small[i][j], alone)
+            _close(packed[i][j], alone, PACKED_TOL)
+            _close(small[i][j], alone, PACKED_TOL)
 
 
 def test_unidirectional_reads_left_to_right(pipeline, tokenizer):

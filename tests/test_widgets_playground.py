@@ -192,10 +192,10 @@ def test_token_table_lists_each_token_with_its_alternatives(pipeline):
 # ----- compare mode -------------------------------------------------------------------------------
 
 def test_compare_marks_where_two_settings_part(pipeline, tmp_path):
-    pg = Playground(pipeline, prompt=PROMPT, max_new_tokens=3, presets_path=tmp_path / "p.yaml")
+    pg = Playground(pipeline, prompt=PROMPT, max_new_tokens=2, presets_path=tmp_path / "p.yaml")
     pg.set(max_new_tokens=6)
     pg.save_preset("longer")
-    pg.set(max_new_tokens=3)
+    pg.set(max_new_tokens=2)
     pg.compare.value = True
     assert pg.compare_row.layout.display is None and "longer" in pg.compare_settings.options
     pg.compare_backend.value = "a"
@@ -203,9 +203,10 @@ def test_compare_marks_where_two_settings_part(pipeline, tmp_path):
     pg.generate_button.click()
     assert pg.wait(60) and pg.last_error is None
     a, b = pg.result.blanks[0].tokens, pg.compared.blanks[0].tokens
-    # Greedy both: B goes on where A stopped at 3 tokens, so they part at token #3, where A has ended.
-    assert len(a) == 3 and b[:3] == a and len(b) > 3
-    assert "first divergence at generated token #3: A (ended)" in plain(pg.divergence_line.value)
+    # Greedy both: B goes on where A stopped at 2 tokens (the demo model's fill ' _value' is 3), so they
+    # part at token #2, where A has ended.
+    assert len(a) == 2 and b[:2] == a and len(b) > 2
+    assert "first divergence at generated token #2: A (ended)" in plain(pg.divergence_line.value)
     assert pg.output_b.value.count('data-diverges="true"') == 1 and 'data-diverges' not in pg.output.value
     assert plain(pg.output.value).endswith(pg.result.text) and plain(pg.output_b.value).endswith(pg.compared.text)
     assert pg.token_ids.value == f"A: {json.dumps(a)}\nB: {json.dumps(b)}"
@@ -213,7 +214,7 @@ def test_compare_marks_where_two_settings_part(pipeline, tmp_path):
     pg.compare_settings.value = "same settings as A"  # greedy twice on one model: identical
     pg.generate_button.click()
     assert pg.wait(60)
-    assert "identical: the same 3 generated tokens" in pg.divergence_line.value
+    assert "identical: the same 2 generated tokens" in pg.divergence_line.value
 
 
 def test_compare_two_backends_side_by_side(pipeline, second):
