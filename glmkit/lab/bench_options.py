@@ -12,14 +12,23 @@ from ..config import PRESETS, GLMConfig, check_precision, load_config
 
 
 @dataclass(frozen=True)
-class BenchOptions:
-    """What to measure: the architecture, precision, device, parallelism and run lengths."""
+class BenchModel:
+    """The random model a benchmark builds: architecture, precision and device (decode and score benches)."""
 
     config: GLMConfig
     config_name: str = "custom"
     dtype: str = "fp16"
     device: str = "cuda"
     quantization: str | None = None  # None, "int8" or "int4"
+
+    def __post_init__(self):
+        check_precision(self.dtype, self.quantization)
+
+
+@dataclass(frozen=True)
+class BenchOptions(BenchModel):
+    """What to measure: the model, parallelism and run lengths."""
+
     tp: int = 1
     batches: tuple[int, ...] = (1,)
     prompt_tokens: int = 128
@@ -33,7 +42,7 @@ class BenchOptions:
     all_reduce: str = "auto"  # "auto": symmetric memory for small GPU all-reduces where available; "nccl"
 
     def __post_init__(self):
-        check_precision(self.dtype, self.quantization)
+        super().__post_init__()
         object.__setattr__(self, "batches", tuple(self.batches))
         if not self.batches or any(b < 1 for b in self.batches):
             raise ValueError(f"batches must be positive sizes, got {self.batches}")

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DTYPES, GLMConfig, check_precision
+from ..config import DTYPES
 from ..generate.pipeline import GLMPipeline
 from ..generate.scoring import DEFAULT_BATCH_TOKENS, ScoreRequest, Tokens
 from .bench import prefill_flops
+from .bench_options import BenchModel
 from .random_model import build_random_model
 from .timing import Clock, free_cached, peak_bytes, reset_peak
 
@@ -103,14 +104,9 @@ class RandomVocab:
 
 
 @dataclass(frozen=True)
-class ScoreBenchOptions:
-    """What to score: the architecture, precision, device, token budget and the shape of the random task."""
+class ScoreBenchOptions(BenchModel):
+    """What to score: the model, token budget and the shape of the random task."""
 
-    config: GLMConfig
-    config_name: str = "custom"
-    dtype: str = "fp16"
-    device: str = "cuda"
-    quantization: str | None = None
     batch_tokens: int = DEFAULT_BATCH_TOKENS
     contexts: int | None = None  # None: enough for about four full passes
     context_tokens: int = 128
@@ -121,7 +117,7 @@ class ScoreBenchOptions:
     matmul_size: int | None = None  # None: 8192 on a GPU, 512 on a CPU
 
     def __post_init__(self):
-        check_precision(self.dtype, self.quantization)
+        super().__post_init__()
         for name in ("batch_tokens", "context_tokens", "choices", "choice_tokens", "repeats"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
