@@ -1,7 +1,7 @@
 """GPU benchmark of weight-only INT8/INT4 linear layers at GLM-130B shapes; prints JSON lines.
 
     python scripts/bench_quant.py kernels [--tp 1 2] [--batches 1 32] [--bits 8 4] [--dtype fp16]
-                                         [--sweep quick|full|wide|lhs|none] [--write-configs configs/int_kernels.json]
+                                         [--sweep quick|full|wide|none] [--write-configs configs/int_kernels.json]
     python scripts/bench_quant.py load DIR [--layers 2] [--shards 2] [--bits 4] [--tp 1]
 
 `kernels` first checks the Triton kernel against dequantize + F.linear on the GPU, then, for each layer of a
@@ -77,10 +77,7 @@ def sweep_configs(batch: int, level: str) -> list[KernelConfig]:
                           block_k=[256, 512, 1024], split_k=[1, 2, 4],
                           num_warps=[4] if level == "quick" else [4, 8],
                           num_stages=[2] if level == "quick" else [1, 2, 3]))
-    if level == "lhs":  # tensor-core tiles with the weight as the MMA's left operand (KernelConfig.weight_lhs)
-        grids = [dict(block_m=[max(16, min(64, 1 << (batch - 1).bit_length()))], block_n=[64, 128],
-                      block_k=[256, 512], split_k=[1, 2], num_warps=[4], num_stages=[3, 4], weight_lhs=[True])]
-    elif level == "wide":  # tensor-core tiles only (they won every batch-1 INT4 shape), deeper K and pipelines
+    if level == "wide":  # tensor-core tiles only (they won every batch-1 INT4 shape), deeper K and pipelines
         grids = [dict(block_m=[max(16, min(64, 1 << (batch - 1).bit_length()))], block_n=[32, 64, 128],
                       block_k=[256, 512], split_k=[1, 2, 4], num_warps=[4, 8], num_stages=[3, 4])]
     else:
@@ -109,8 +106,7 @@ def check_kernel() -> list[dict]:
         x = torch.randn(rows, inp, device="cuda", dtype=dtype)
         bias = torch.randn(out, device="cuda", dtype=dtype)
         expected = F.linear(x.float(), dequantize_weight(q, scale, bits, torch.float32), bias.float())
-        lhs = KernelConfig(block_m=16, block_n=64, block_k=256, weight_lhs=True)  # the weight as left operand
-        for config in [None, lhs] + [c for c in sweep_configs(rows, "quick")[:3]]:
+        for config in [None] + [c for c in sweep_configs(rows, "quick")[:3]]:
             got = int_linear(x, q, scale, bias, bits, config).float()
             error = ((got - expected).abs().max() / expected.abs().max()).item()
             results.append({"check": True, "dtype": str(dtype), "bits": bits, "shape": [out, inp], "rows": rows,
@@ -289,7 +285,7 @@ def main() -> None:
     k.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[8, 4])
     k.add_argument("--write-configs", help="merge the sweep's winners into this tuned-config JSON file")
     k.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    k.add_argument("--sweep", choices=["none", "quick", "full", "wide", "lhs"], default="quick")
+    k.add_argument("--sweep", choices=["none", "quick", "full", "wide"], default="quick")
     ld = sub.add_parser("load")
     ld.add_argument("dir")
     ld.add_argument("--layers", type=int, default=2)

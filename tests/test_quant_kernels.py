@@ -17,8 +17,6 @@ KERNEL_CASES = [dict(block_m=1, block_n=16, block_k=64),  # GEMV, masked K and N
                 dict(block_m=4, block_n=32, block_k=32, split_k=2),  # fp32 atomics over K splits
                 dict(block_m=16, block_n=16, block_k=64),  # tl.dot
                 dict(block_m=16, block_n=32, block_k=32, split_k=3),
-                dict(block_m=16, block_n=16, block_k=64, weight_lhs=True),  # (W @ x^T)^T
-                dict(block_m=16, block_n=32, block_k=32, split_k=2, weight_lhs=True),
                 dict(block_m=16, block_n=16, block_k=64, int4_join=False),  # INT4 over strided x columns
                 dict(block_m=2, block_n=16, block_k=64, int4_join=False)]
 
@@ -76,8 +74,6 @@ def test_kernel_config_checks():
         KernelConfig(block_n=48)
     with pytest.raises(ValueError, match="block_k must be at least 32"):
         KernelConfig(block_k=16)
-    with pytest.raises(ValueError, match="weight_lhs needs the tl.dot tile"):
-        KernelConfig(block_m=4, weight_lhs=True)
 
 
 def test_tuned_kernel_configs_pick_by_shape_and_rows(tmp_path):

@@ -64,10 +64,6 @@ class KernelConfig:
     num_stages: int = 2
     fast_unpack: bool = True  # INT4 with fp16/bf16 inputs on a GPU: inline-PTX unpacking (see module doc)
     int4_join: bool = True  # INT4: one product over interleaved nibbles (else two over strided x columns)
-    # block_m >= 16: the weight tile as the product's left operand, (W @ x^T)^T. Triton's Hopper MMA can take
-    # its left operand from registers, where the unpacked weight already is; as the right operand it must
-    # go through shared memory first.
-    weight_lhs: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k", "num_warps"):
@@ -80,8 +76,6 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.block_k must be at least 32, got {self.block_k}")
         if self.block_m >= 16 and self.block_n < 16:
             raise ValueError("tl.dot needs block_n >= 16 when block_m >= 16")
-        if self.weight_lhs and (self.block_m < 16 or not self.int4_join):
-            raise ValueError("KernelConfig.weight_lhs needs the tl.dot tile (block_m >= 16) and int4_join")
 
 
 # (max rows, config) in increasing order of rows: the first entry whose max covers the batch is used.
@@ -232,8 +226,7 @@ if triton is not None:
                            stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                            BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, FAST_UNPACK: tl.constexpr, INT4_JOIN: tl.constexpr,
-                           WEIGHT_LHS: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, FAST_UNPACK: tl.constexpr, INT4_JOIN: tl.constexpr):
         # Grid: (row tiles, output tiles, K splits). Row tiles vary fastest, so the programs sharing a weight
         # tile run together and read it from L2 after the first (prefill: many row tiles). K counts logical
         # input features (INT4: 2 per byte).
@@ -244,10 +237,7 @@ if triton is not None:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
         n_ok = rn < N
-        if WEIGHT_LHS:
-            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # out^T: weight rows as the MMA's M side
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
@@ -266,9 +256,7 @@ if triton is not None:
                                      mask=n_ok[:, None] & (rb < K // 2)[None, :], other=0)  # (BN, BK/2) int8
                     high, low = _unpack_int4(packed, FAST_UNPACK)
                     w = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K))  # [..., 2i] high, [..., 2i+1] low
-                if WEIGHT_LHS:
-                    acc_t += tl.dot(w.to(x.dtype), tl.trans(x), input_precision=DOT_PRECISION)
-                elif BLOCK_M >= 16:
+                if BLOCK_M >= 16:
                     acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
                 else:
                     acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
@@ -291,8 +279,6 @@ if triton is not None:
                 else:
                     acc += tl.sum(x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :], axis=2)
                     acc += tl.sum(x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :], axis=2)
-        if WEIGHT_LHS:
-            acc = tl.trans(acc_t)  # one layout change per tile, after the loop
         scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc * scale[None, :]
         out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
@@ -363,7 +349,7 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, SPLIT_K=config.split_k, DOT_PRECISION=precision, FAST_UNPACK=fast_unpack,
-        INT4_JOIN=config.int4_join, WEIGHT_LHS=config.weight_lhs,
+        INT4_JOIN=config.int4_join,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if config.split_k > 1:
         if bias is not None:
