@@ -91,8 +91,8 @@ def dictionary_table(rows: list[dict]) -> pd.DataFrame:
     return table[["query", "answer", "dictionary", "correct", "finish_reason"]]
 
 
-known = dictionary_table(scored["memory"]["rows"][::30])
-memory = scored["memory"]
+memory = scored["memory"]  # an even sample of the training dictionary, scored by the training run
+known = dictionary_table(memory["rows"][::30])
 print(f"demo model on all {memory['count']} sampled dictionary words: exact {memory['exact']:.1%}, "
       f"any dictionary translation {memory['accepted']:.1%}; here {known['correct'].sum()} of {len(known)} correct")
 known"""),

@@ -66,10 +66,10 @@ lens_grid"""),
 **In which layer does each token of the fill become the top prediction?** The position that predicts the
 fill's token *k* is `sop` + *k*; `first_layer` finds the lowest layer from which that token stays on top all
 the way up to the output. The target column follows the fill's last token, `value` (its rank at the
-position that predicts it, layer by layer; switch the grid to *target rank* to see it everywhere). On the demo model the fill reaches
-the top only in the upper layers (5 to 7 of 0–7), while its rank climbs through the lower ones: a small
-model decides late. In the lowest layers the lens mostly shows each position's *own* token: the output embedding is
-the input embedding (tied), and little has been added to it yet."""),
+position that predicts it, layer by layer; switch the grid to *target rank* to see it everywhere). On the
+demo model the fill reaches the top only in the upper layers (5 to 7 of 0–7), while its rank climbs through
+the lower ones: a small model decides late. In the lowest layers the lens mostly shows each position's *own*
+token: the output embedding is the input embedding (tied), and little has been added to it yet."""),
     code("""\
 rows = []
 for step, token in enumerate(fill.tokens):
