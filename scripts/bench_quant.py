@@ -1,7 +1,7 @@
 """GPU benchmark of weight-only INT8/INT4 linear layers at GLM-130B shapes; prints JSON lines.
 
     python scripts/bench_quant.py kernels [--tp 1 2] [--batches 1 32] [--bits 8 4] [--dtype fp16]
-                                         [--sweep quick|full|wide|none] [--write-configs configs/int_kernels.json]
+                                         [--sweep quick|full|wide|gemv|none] [--write-configs configs/int_kernels.json]
     python scripts/bench_quant.py load DIR [--layers 2] [--shards 2] [--bits 4] [--tp 1]
 
 `kernels` first checks the Triton kernel against dequantize + F.linear on the GPU, then, for each layer of a
@@ -13,8 +13,10 @@ each batch size and INT8/INT4, times:
 Each record gives milliseconds, the weight bytes read, GB/s and the fraction of the measured copy bandwidth
 (the bandwidth floor). The last record sums one block and extrapolates 70 layers to tokens/s (weights only).
 INT4 records also time the best configuration with the portable shift-based unpacking (`kernel_best_portable`)
-and with two half-width products over strided x columns (`kernel_best_strided`), to show what each gains. `--write-configs` merges the winners, per (bits, out, in, batch),
-into the JSON file glmkit.kernels.quant.default_config reads (configs/int_kernels.json is the shipped one).
+and with two half-width products over strided x columns (`kernel_best_strided`), to show what each gains.
+`--sweep gemv` tries only the INT4 word GEMV's tiles at batch 1 (glmkit.kernels.int4_gemv).
+`--write-configs` merges the winners, per (bits, out, in, batch), into the JSON file
+glmkit.kernels.quant.default_config reads (configs/int_kernels.json is the shipped one).
 
 `load` writes a random fp16 checkpoint of GLM-130B shape (--layers, --shards; about 3.2 GB per layer plus
 3.7 GB of embedding) into DIR if it is not there, then loads it with quantize-while-loading onto the GPU and
@@ -67,10 +69,19 @@ def copy_bandwidth_gbs(size_bytes: int = 2 << 30) -> float:
     return 2 * size_bytes / ms / 1e6
 
 
-def sweep_configs(batch: int, level: str) -> list[KernelConfig]:
-    """Kernel configurations to try for `batch` rows: GEMV tiles for small batches, tl.dot tiles for all."""
+def sweep_configs(batch: int, level: str, bits: int = 8) -> list[KernelConfig]:
+    """Kernel configurations to try for `batch` rows: GEMV tiles for small batches, tl.dot tiles for all.
+
+    `gemv`: INT4 at one row, the word GEMV's tiles (glmkit.kernels.int4_gemv) and the shipped default."""
     if level == "none":
         return []
+    if level == "gemv":
+        if bits != 4 or batch != 1:
+            return []
+        grid = dict(block_n=[4, 8, 16, 32], block_k=[512, 1024, 2048], split_k=[1, 2, 4], num_warps=[4, 8],
+                    num_stages=[2, 3])
+        configs = [KernelConfig(block_m=1, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
+        return [c for c in configs if c.block_n * c.block_k <= 8 * 4096]  # fp32 partial sums in registers
     grids = []
     if batch < 16:
         grids.append(dict(block_m=[1 << (batch - 1).bit_length()], block_n=[16, 32, 64],
@@ -169,7 +180,7 @@ def kernels_at(args, tp: int, dtype: torch.dtype, copy: float) -> list[tuple]:
                 ms = bench_ms(lambda: int_linear(x, q, scale, bias, bits, config))
                 record(name, "kernel", bits, batch, ms, weight_bytes, copy, totals, config)
                 best = (ms, config)
-                for candidate in sweep_configs(batch, args.sweep):
+                for candidate in sweep_configs(batch, args.sweep, bits):
                     try:
                         candidate_ms = bench_ms(lambda: int_linear(x, q, scale, bias, bits, candidate))
                     except Exception as error:  # resources exceeded for this tile: skip it
@@ -177,12 +188,15 @@ def kernels_at(args, tp: int, dtype: torch.dtype, copy: float) -> list[tuple]:
                         continue
                     if candidate_ms < best[0]:
                         best = (candidate_ms, candidate)
-                if args.sweep != "none":
+                swept = args.sweep != "none" and (args.sweep != "gemv" or (bits == 4 and batch == 1))
+                if swept:
                     record(name, "kernel_best", bits, batch, best[0], weight_bytes, copy, totals, best[1])
                     winners.append((bits, out, inp, batch, best[1]))
                 if bits == 4:  # what each INT4 technique gains: the winner without it
-                    for method, change in (("kernel_best_portable", {"fast_unpack": False}),
-                                           ("kernel_best_strided", {"int4_join": False})):
+                    changes = [("kernel_best_portable", {"fast_unpack": False})]
+                    if best[1].block_m > 1:  # the word GEMV (block_m 1) has no strided variant
+                        changes.append(("kernel_best_strided", {"int4_join": False}))
+                    for method, change in changes:
                         variant = dataclasses.replace(best[1], **change)
                         ms = bench_ms(lambda: int_linear(x, q, scale, bias, bits, variant))
                         record(name, method, bits, batch, ms, weight_bytes, copy, totals, variant)
@@ -285,7 +299,7 @@ def main() -> None:
     k.add_argument("--bits", type=int, nargs="+", choices=[4, 8], default=[8, 4])
     k.add_argument("--write-configs", help="merge the sweep's winners into this tuned-config JSON file")
     k.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    k.add_argument("--sweep", choices=["none", "quick", "full", "wide"], default="quick")
+    k.add_argument("--sweep", choices=["none", "quick", "full", "wide", "gemv"], default="quick")
     ld = sub.add_parser("load")
     ld.add_argument("dir")
     ld.add_argument("--layers", type=int, default=2)

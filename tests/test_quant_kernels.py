@@ -49,11 +49,52 @@ def _run_kernel_cases() -> list[dict]:
             results.append({"dequantize_bits": bits, "dtype": str(dtype), "equal": torch.equal(
                 quant_kernels.dequantize(packed, row_scale, bits, dtype),
                 dequantize_weight(packed, row_scale, bits, dtype))})
+    results += _gemv_cases(quant_kernels, generator)
     try:
         quant_kernels.int_linear(torch.randn(1, 32), q, scale, None, 4)
     except ValueError as error:
         results.append({"error_message": str(error)})
     return results
+
+
+GEMV_CASES = [dict(block_m=1, block_n=16, block_k=32),  # 4 words a step: masked word and row tails
+              dict(block_m=1, block_n=64, block_k=64, split_k=3),  # one ragged tile, K splits with atomics
+              dict(block_m=1, block_n=16, block_k=1024, fast_unpack=False)]
+
+
+def _gemv_cases(quant_kernels, generator) -> list[dict]:
+    """INT4 at block_m 1: the word GEMV when rows are whole 32-bit words (160 inputs), else the tl.sum path
+    (164 inputs: 82 bytes a row). Counts the GEMV's calls to tell the paths apart."""
+    from glmkit.kernels import int4_gemv
+
+    calls = []
+    gemv = int4_gemv.int4_gemv
+    int4_gemv.int4_gemv = lambda *args: calls.append(1) or gemv(*args)
+    results = []
+    try:
+        for inputs, config, rows, dtype in [(k, c, r, d) for k in (160, 164) for c in GEMV_CASES
+                                            for r in (1, 3) for d in (torch.float32, torch.float16)]:
+            q, scale = quantize_weight(torch.randn(45, inputs, generator=generator), 4)
+            bias = torch.randn(45, generator=generator).to(dtype)
+            x = torch.randn(rows, inputs, generator=generator).to(dtype)
+            before = len(calls)
+            got = quant_kernels.int_linear(x, q, scale, bias, 4, quant_kernels.KernelConfig(**config))
+            expected = x.double() @ dequantize_weight(q, scale, 4, torch.float64).T + bias.double()
+            results.append({"gemv_inputs": inputs, "config": config, "rows": rows, "dtype": str(dtype),
+                            "used_gemv": len(calls) > before, "dtype_ok": got.dtype == dtype,
+                            "gemv_error": (got.double() - expected).abs().max().item(),
+                            "tolerance": 1e-4 if dtype == torch.float32 else 2.0 ** -5})
+    finally:
+        int4_gemv.int4_gemv = gemv
+    return results
+
+
+def test_int4_gemv_matches_dequantize_path_under_interpreter(interpreted):
+    cases = [r for r in interpreted if "gemv_inputs" in r]
+    assert len(cases) == 2 * len(GEMV_CASES) * 2 * 2
+    assert all(r["used_gemv"] == (r["gemv_inputs"] == 160) for r in cases), cases
+    bad = [r for r in cases if not (r["dtype_ok"] and r["gemv_error"] <= r["tolerance"])]
+    assert not bad, bad
 
 
 def test_triton_kernel_matches_dequantize_path_under_interpreter(interpreted):
@@ -91,7 +132,8 @@ def test_tuned_kernel_configs_pick_by_shape_and_rows(tmp_path):
         generic = dict(quant_kernels.DEFAULT_CONFIGS)
         assert default_config(64, 36864, 12288, 4) == generic[64]  # beyond the tuned rows
         assert default_config(1, 36864, 12288, 8) == generic[1]  # other bits: not tuned
-        assert default_config(1, 4096, 12288, 4) == generic[1]  # other shape
+        assert default_config(1, 4096, 12288, 4) == quant_kernels.INT4_GEMV_DEFAULT  # other shape, one row
+        assert default_config(2, 4096, 12288, 4) == generic[16]
         path.write_text(json.dumps({"configs": [{"bits": 4}]}))
         with pytest.raises(ValueError, match="is not a kernel config file"):
             load_tuned_configs(path)

@@ -7,6 +7,7 @@ applied once to the fp32 accumulator. Decoding reads every weight once per token
 kernel is bound by the bytes of `q`: INT8 halves them and INT4 quarters them against fp16.
 
 One kernel serves both shapes of the problem, chosen by `KernelConfig.block_m`:
+  block_m == 1   INT4: the word-at-a-time GEMV of glmkit.kernels.int4_gemv (one program per row and tile)
   block_m < 16   GEMV-like: broadcast multiply and reduce over K on CUDA cores (batch 1, maybe a few more)
   block_m >= 16  tl.dot on the int weights converted to x's dtype (exact: |q| <= 127); smaller batches are
                  padded to 16 rows, which costs tensor-core time but no extra weight traffic
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..config import CONFIG_DIR
+from . import int4_gemv
 
 try:
     import triton
@@ -81,12 +83,13 @@ class KernelConfig:
 # (max rows, config) in increasing order of rows: the first entry whose max covers the batch is used.
 # Starting points only; scripts/bench_quant.py sweeps alternatives on the GPU.
 DEFAULT_CONFIGS: list[tuple[int, KernelConfig]] = [
-    (1, KernelConfig(block_m=1, block_n=32, block_k=512, num_warps=4)),
+    (1, KernelConfig(block_m=1, block_n=32, block_k=512, num_warps=4)),  # INT4: INT4_GEMV_DEFAULT
     (16, KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4)),
     (32, KernelConfig(block_m=32, block_n=64, block_k=128, num_warps=4)),
     (64, KernelConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)),
 ]
-
+# INT4 at one row: the GEMV tile that won most GLM-130B shapes on an H200 (docs/benchmarks.md)
+INT4_GEMV_DEFAULT = KernelConfig(block_m=1, block_n=16, block_k=1024, num_warps=4, num_stages=2)
 
 TUNED_CONFIGS_PATH = CONFIG_DIR / "int_kernels.json"
 # (bits, out_features, in_features) -> [(max rows, config)] in increasing order of rows.
@@ -136,6 +139,8 @@ def default_config(rows: int, out_features: int, in_features: int, bits: int) ->
     for max_rows, config in _tuned.get((bits, out_features, in_features), ()):
         if rows <= max_rows:
             return config
+    if bits == 4 and rows == 1:
+        return INT4_GEMV_DEFAULT
     for max_rows, config in DEFAULT_CONFIGS:
         if rows <= max_rows:
             return config
@@ -337,6 +342,8 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     x2 = x.reshape(-1, k)  # (m, k); strides are passed, so no copy is needed for a view
     m = x2.shape[0]
     config = config or default_config(m, n, k, bits)
+    if bits == 4 and config.block_m == 1 and int4_gemv.supports(x2, weight):
+        return int4_gemv.int4_gemv(x2, weight, scale, bias, config).reshape(*lead, n)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
     fast_unpack = _unpack_mode(bits, x.dtype, x.is_cuda) if config.fast_unpack else 0
     if config.split_k == 1:
