@@ -146,15 +146,19 @@ def kernels(args) -> None:
 
 
 def write_configs(path: Path, winners: list[tuple]) -> None:
-    """Merge `winners` (bits, out, in, batch, config) into the tuned-config file at `path`."""
+    """Merge `winners` (bits, out, in, batch, config) into the tuned-config file at `path`; each entry keeps
+    the card it was tuned on, and the file's "device" lists them all."""
     entries = {}
     if path.exists():
-        for entry in json.loads(path.read_text())["configs"]:
+        old = json.loads(path.read_text())
+        for entry in old["configs"]:
+            entry.setdefault("device", old.get("device"))
             entries[(entry["bits"], entry["out_features"], entry["in_features"], entry["max_rows"])] = entry
     document = quant_kernels.tuned_config_entries(winners, torch.cuda.get_device_name())
     for entry in document["configs"]:
         entries[(entry["bits"], entry["out_features"], entry["in_features"], entry["max_rows"])] = entry
     document["configs"] = [entries[key] for key in sorted(entries)]
+    document["device"] = ", ".join(sorted({e["device"] for e in document["configs"] if e.get("device")}))
     path.write_text(json.dumps(document, indent=1) + "\n")
     print(json.dumps({"wrote": str(path), "entries": len(document["configs"])}), flush=True)
 

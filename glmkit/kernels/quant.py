@@ -89,7 +89,7 @@ DEFAULT_CONFIGS: list[tuple[int, KernelConfig]] = [
     (64, KernelConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)),
 ]
 # INT4 at one row: the GEMV tile that won most GLM-130B shapes on an H200 (docs/benchmarks.md)
-INT4_GEMV_DEFAULT = KernelConfig(block_m=1, block_n=16, block_k=1024, num_warps=4, num_stages=2)
+INT4_GEMV_DEFAULT = KernelConfig(block_m=1, block_n=16, block_k=1024, num_warps=4, num_stages=3)
 
 TUNED_CONFIGS_PATH = CONFIG_DIR / "int_kernels.json"
 # (bits, out_features, in_features) -> [(max rows, config)] in increasing order of rows.
@@ -99,8 +99,8 @@ _tuned: dict[tuple[int, int, int], list[tuple[int, KernelConfig]]] | None = None
 def load_tuned_configs(path: str | Path | None = None) -> int:
     """Use the tuned launch parameters in `path` (default: the shipped configs/int_kernels.json).
 
-    The file holds {"device": ..., "configs": [{"bits", "out_features", "in_features", "max_rows",
-    "config": {KernelConfig fields}}, ...]}. Returns how many entries were loaded; a missing default file
+    The file holds {"device": ..., "configs": [{"bits", "out_features", "in_features", "max_rows", "device",
+    "config": {KernelConfig fields}}, ...]} ("device" only says where an entry was tuned). Returns how many entries were loaded; a missing default file
     means none (generic defaults apply), a missing explicit path is an error.
     """
     global _tuned
@@ -126,9 +126,11 @@ def load_tuned_configs(path: str | Path | None = None) -> int:
 
 
 def tuned_config_entries(results: list[tuple[int, int, int, int, KernelConfig]], device: str) -> dict:
-    """The JSON document load_tuned_configs reads, from (bits, out, in, max_rows, config) tuples."""
+    """The JSON document load_tuned_configs reads, from (bits, out, in, max_rows, config) tuples; each entry
+    names the card it was tuned on (a file merged over several runs can mix cards)."""
     return {"device": device, "configs": [
-        {"bits": bits, "out_features": out, "in_features": inp, "max_rows": rows, "config": asdict(config)}
+        {"bits": bits, "out_features": out, "in_features": inp, "max_rows": rows, "device": device,
+         "config": asdict(config)}
         for bits, out, inp, rows, config in results]}
 
 
