@@ -14,7 +14,7 @@ Each record gives milliseconds, the weight bytes read, GB/s and the fraction of 
 (the bandwidth floor). The last record sums one block and extrapolates 70 layers to tokens/s (weights only).
 INT4 records also time the best configuration with the portable shift-based unpacking (`kernel_best_portable`)
 and with two half-width products over strided x columns (`kernel_best_strided`), to show what each gains.
-`--sweep gemv` tries only the INT4 word GEMV's tiles at batch 1 (glmkit.kernels.int4_gemv).
+`--sweep gemv` tries only the word GEMV's tiles at batch 1 (glmkit.kernels.gemv).
 `--write-configs` merges the winners, per (bits, out, in, batch), into the JSON file
 glmkit.kernels.quant.default_config reads (configs/int_kernels.json is the shipped one).
 
@@ -72,16 +72,17 @@ def copy_bandwidth_gbs(size_bytes: int = 2 << 30) -> float:
 def sweep_configs(batch: int, level: str, bits: int = 8) -> list[KernelConfig]:
     """Kernel configurations to try for `batch` rows: GEMV tiles for small batches, tl.dot tiles for all.
 
-    `gemv`: INT4 at one row, the word GEMV's tiles (glmkit.kernels.int4_gemv) and the shipped default."""
+    `gemv`: one row, the word GEMV's tiles (glmkit.kernels.gemv; block_k counts input features, so INT8
+    tiles of the same words per step have half INT4's block_k)."""
     if level == "none":
         return []
     if level == "gemv":
-        if bits != 4 or batch != 1:
+        if batch != 1:
             return []
-        grid = dict(block_n=[4, 8, 16, 32], block_k=[512, 1024, 2048], split_k=[1, 2, 4], num_warps=[4, 8],
-                    num_stages=[2, 3])
+        grid = dict(block_n=[4, 8, 16, 32], block_k=[k * 4 // bits for k in (512, 1024, 2048)], split_k=[1, 2, 4],
+                    num_warps=[4, 8], num_stages=[2, 3])
         configs = [KernelConfig(block_m=1, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-        return [c for c in configs if c.block_n * c.block_k <= 8 * 4096]  # fp32 partial sums in registers
+        return [c for c in configs if c.block_n * c.block_k * bits <= 32 * 4096]  # fp32 partial sums in registers
     grids = []
     if batch < 16:
         grids.append(dict(block_m=[1 << (batch - 1).bit_length()], block_n=[16, 32, 64],
@@ -192,7 +193,7 @@ def kernels_at(args, tp: int, dtype: torch.dtype, copy: float) -> list[tuple]:
                         continue
                     if candidate_ms < best[0]:
                         best = (candidate_ms, candidate)
-                swept = args.sweep != "none" and (args.sweep != "gemv" or (bits == 4 and batch == 1))
+                swept = args.sweep != "none" and (args.sweep != "gemv" or batch == 1)
                 if swept:
                     record(name, "kernel_best", bits, batch, best[0], weight_bytes, copy, totals, best[1])
                     winners.append((bits, out, inp, batch, best[1]))

@@ -132,26 +132,27 @@ def test_quantized_kernels_match_dequantize_then_matmul(bits, rows):
                        dequantize_weight(q, scale, bits, torch.float16))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype, magnitude", [(torch.float16, 1.0), (torch.float16, 30000.0),
                                               (torch.bfloat16, 1.0), (torch.float32, 1.0)])
-def test_int4_gemv_ptx_modes_match_the_portable_one(dtype, magnitude):
-    """The GEMV's PTX paths (fp16 products for fp16 x, exact fp32 for bf16/fp32) against its shift path and
-    dequantize + matmul, with ragged tiles and K splits; fp16 inputs near the top of fp16's range must not
+def test_word_gemv_ptx_modes_match_the_portable_one(bits, dtype, magnitude):
+    """The word GEMV's PTX paths (fp16 products for fp16 x, exact fp32 for bf16/fp32) against its shift path
+    and dequantize + matmul, with ragged tiles and K splits; fp16 inputs near the top of fp16's range must not
     overflow the fp16 partial sums."""
-    from glmkit.kernels import int4_gemv, quant as quant_kernels
+    from glmkit.kernels import gemv, quant as quant_kernels
     from glmkit.quantization import dequantize_weight, quantize_weight
 
     generator = torch.Generator(device="cuda").manual_seed(int(magnitude))
     # weights scaled down with x, so that the outputs fit fp16 while x's products would not
-    q, scale = quantize_weight(torch.randn(1000, 12288 + 8, device="cuda", generator=generator) / magnitude, 4)
+    q, scale = quantize_weight(torch.randn(1000, 12288 + 8, device="cuda", generator=generator) / magnitude, bits)
     x = (torch.randn(1, 12288 + 8, device="cuda", generator=generator) * magnitude).clamp(-65000, 65000)
     x = x.to(dtype)
-    expected = x.double() @ dequantize_weight(q, scale, 4, torch.float64).T
-    assert int4_gemv.math_mode(x, True) == (2 if dtype == torch.float16 else 1)
+    expected = x.double() @ dequantize_weight(q, scale, bits, torch.float64).T
+    assert gemv.math_mode(x, True) == (2 if dtype == torch.float16 else 1)
     for config in (quant_kernels.INT4_GEMV_DEFAULT, quant_kernels.KernelConfig(block_m=1, block_n=64,
                                                                                  block_k=256, split_k=3)):
-        fast = quant_kernels.int_linear(x, q, scale, None, 4, config).double()
-        portable = quant_kernels.int_linear(x, q, scale, None, 4, replace(config, fast_unpack=False)).double()
+        fast = quant_kernels.int_linear(x, q, scale, None, bits, config).double()
+        portable = quant_kernels.int_linear(x, q, scale, None, bits, replace(config, fast_unpack=False)).double()
         assert torch.isfinite(fast).all()
         size = expected.abs().max().item()
         assert (fast - expected).abs().max().item() <= 4e-3 * size  # output rounding (bf16: 2^-8)

@@ -7,8 +7,9 @@ applied once to the fp32 accumulator. Decoding reads every weight once per token
 kernel is bound by the bytes of `q`: INT8 halves them and INT4 quarters them against fp16.
 
 One kernel serves both shapes of the problem, chosen by `KernelConfig.block_m`:
-  block_m == 1   INT4: the word-at-a-time GEMV of glmkit.kernels.int4_gemv (one program per row and tile)
-  block_m < 16   GEMV-like: broadcast multiply and reduce over K on CUDA cores (batch 1, maybe a few more)
+  block_m == 1   the word-at-a-time GEMV of glmkit.kernels.gemv (one program per row and output tile)
+  block_m < 16   GEMV-like: broadcast multiply and reduce over K on CUDA cores (a few rows; one row too when
+                 a weight row is not whole 32-bit words)
   block_m >= 16  tl.dot on the int weights converted to x's dtype (exact: |q| <= 127); smaller batches are
                  padded to 16 rows, which costs tensor-core time but no extra weight traffic
 `split_k > 1` splits the input dimension over programs and sums with fp32 atomics, which gives enough
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 
 from ..config import CONFIG_DIR
-from . import int4_gemv
+from . import gemv
 
 try:
     import triton
@@ -99,9 +100,10 @@ _tuned: dict[tuple[int, int, int], list[tuple[int, KernelConfig]]] | None = None
 def load_tuned_configs(path: str | Path | None = None) -> int:
     """Use the tuned launch parameters in `path` (default: the shipped configs/int_kernels.json).
 
-    The file holds {"device": ..., "configs": [{"bits", "out_features", "in_features", "max_rows", "device",
-    "config": {KernelConfig fields}}, ...]} ("device" only says where an entry was tuned). Returns how many entries were loaded; a missing default file
-    means none (generic defaults apply), a missing explicit path is an error.
+    The file holds {"device": ..., "configs": [{"bits", "out_features", "in_features", "max_rows",
+    "device", "config": {KernelConfig fields}}, ...]} ("device" only says where an entry was tuned).
+    Returns how many entries were loaded; a missing default file means none (generic defaults apply), a
+    missing explicit path is an error.
     """
     global _tuned
     explicit = path is not None
@@ -344,8 +346,8 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     x2 = x.reshape(-1, k)  # (m, k); strides are passed, so no copy is needed for a view
     m = x2.shape[0]
     config = config or default_config(m, n, k, bits)
-    if bits == 4 and config.block_m == 1 and int4_gemv.supports(x2, weight):
-        return int4_gemv.int4_gemv(x2, weight, scale, bias, config).reshape(*lead, n)
+    if config.block_m == 1 and gemv.supports(x2, weight):
+        return gemv.int_gemv(x2, weight, scale, bias, bits, config).reshape(*lead, n)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
     fast_unpack = _unpack_mode(bits, x.dtype, x.is_cuda) if config.fast_unpack else 0
     if config.split_k == 1:

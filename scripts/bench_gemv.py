@@ -1,6 +1,6 @@
-"""GPU benchmark of the INT4 GEMV (glmkit.kernels.int4_gemv) against the shipped INT4 kernel; JSON lines.
+"""GPU benchmark of the word GEMV (glmkit.kernels.gemv) per math mode against the shipped kernel; JSON lines.
 
-    python scripts/bench_int4_gemv.py [--batches 1] [--tp 1] [--quick] [--math fp16 exact portable]
+    python scripts/bench_gemv.py [--bits 4] [--batches 1] [--tp 1] [--quick] [--math fp16 exact portable]
 
 Checks every math mode against dequantize + F.linear (fp16 and bf16, ragged shapes), then times, for each
 linear layer of a GLM-130B block at --tp, the shipped `int_linear` (its tuned config) and, per math mode
@@ -21,48 +21,47 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from glmkit.kernels.int4_gemv import int4_gemv  # noqa: E402
+from glmkit.kernels.gemv import int_gemv  # noqa: E402
 from glmkit.kernels.quant import KernelConfig, default_config, int_linear  # noqa: E402
 from glmkit.quantization import dequantize_weight, quantize_weight  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quant import LAYERS, bench_ms, copy_bandwidth_gbs, layer_shapes  # noqa: E402
+from bench_quant import LAYERS, bench_ms, copy_bandwidth_gbs, layer_shapes, sweep_configs  # noqa: E402
 
 
-def check(modes) -> list[dict]:
+def check(modes, bits: int) -> list[dict]:
     results = []
     for dtype, (out, inp), rows, math in itertools.product(
             (torch.float16, torch.bfloat16), [(96, 160), (3000, 4096), (12288, 1536)], (1, 3), modes):
         w = torch.randn(out, inp, device="cuda")
-        q, scale = quantize_weight(w, 4)
+        q, scale = quantize_weight(w, bits)
         x = torch.randn(rows, inp, device="cuda", dtype=dtype)
         bias = torch.randn(out, device="cuda", dtype=dtype)
-        expected = F.linear(x.float(), dequantize_weight(q, scale, 4, torch.float32), bias.float())
+        expected = F.linear(x.float(), dequantize_weight(q, scale, bits, torch.float32), bias.float())
         if math == "fp16" and dtype != torch.float16:
             continue
         for config in (KernelConfig(block_m=1, block_n=16, block_k=1024),
                        KernelConfig(block_m=1, block_n=32, block_k=256, split_k=2)):
-            got = int4_gemv(x, q, scale, bias, config, MATH[math]).float()
+            got = int_gemv(x, q, scale, bias, bits, config, MATH[math]).float()
             error = ((got - expected).abs().max() / expected.abs().max()).item()
             results.append({"dtype": str(dtype), "shape": [out, inp], "rows": rows, "math": math,
                             "split_k": config.split_k, "relative_error": error, "ok": error < 1e-2})
     return results
 
 
-MATH = {"portable": 0, "exact": 1, "fp16": 2}  # glmkit.kernels.int4_gemv's MATH modes
+MATH = {"portable": 0, "exact": 1, "fp16": 2}  # glmkit.kernels.gemv's MATH modes
 
 
-def sweep(quick: bool) -> list[KernelConfig]:
-    grid = dict(block_n=[8, 16, 32], block_k=[512, 1024], split_k=[1, 2], num_warps=[4], num_stages=[2])
+def sweep(quick: bool, bits: int) -> list[KernelConfig]:
     if not quick:
-        grid.update(block_n=[4, 8, 16, 32], block_k=[512, 1024, 2048], split_k=[1, 2, 4], num_warps=[4, 8],
-                    num_stages=[2, 3])
-    configs = [KernelConfig(block_m=1, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
-    return [c for c in configs if c.block_n * c.block_k <= 8 * 4096]  # the fp32 partial sums live in registers
+        return sweep_configs(1, "gemv", bits)
+    grid = dict(block_n=[8, 16, 32], block_k=[k * 4 // bits for k in (256, 512)], split_k=[1, 2])
+    return [KernelConfig(block_m=1, **dict(zip(grid, values))) for values in itertools.product(*grid.values())]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bits", type=int, choices=[4, 8], default=4)
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
@@ -72,27 +71,27 @@ def main() -> None:
     copy = copy_bandwidth_gbs()
     print(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbs": round(copy, 1),
                       "triton": __import__("triton").__version__}), flush=True)
-    checks = check(["portable", "exact", "fp16"])
+    checks = check(["portable", "exact", "fp16"], args.bits)
     worst = {m: max(r["relative_error"] for r in checks if r["math"] == m) for m in ("portable", "exact", "fp16")}
     failures = [r for r in checks if not r["ok"]]
-    print(json.dumps({"check": "int4_gemv vs dequantize+F.linear", "cases": len(checks), "worst": worst,
+    print(json.dumps({"check": f"INT{args.bits} int_gemv vs dequantize+F.linear", "cases": len(checks), "worst": worst,
                       "failures": failures}), flush=True)
     if failures:
         sys.exit("the GEMV disagrees with dequantize + F.linear; not timing it")
     totals: dict[tuple, float] = {}
     for name, (out, inp) in layer_shapes(args.tp).items():
         w = torch.randn(out, inp, device="cuda", dtype=torch.float16) * 0.02
-        q, scale = quantize_weight(w, 4)
+        q, scale = quantize_weight(w, args.bits)
         bias = torch.randn(out, device="cuda", dtype=torch.float16)
         weight_bytes = q.numel() + scale.numel() * 2
         for batch in args.batches:
             x = torch.randn(batch, inp, device="cuda", dtype=torch.float16)
-            shipped = default_config(batch, out, inp, 4)
-            rows = [("shipped", bench_ms(lambda: int_linear(x, q, scale, bias, 4, shipped)), str(shipped))]
+            shipped = default_config(batch, out, inp, args.bits)
+            rows = [("shipped", bench_ms(lambda: int_linear(x, q, scale, bias, args.bits, shipped)), str(shipped))]
             best = {}
-            for config, math in itertools.product(sweep(args.quick), args.math):
+            for config, math in itertools.product(sweep(args.quick, args.bits), args.math):
                 try:
-                    ms = bench_ms(lambda: int4_gemv(x, q, scale, bias, config, MATH[math]))
+                    ms = bench_ms(lambda: int_gemv(x, q, scale, bias, args.bits, config, MATH[math]))
                 except Exception as error:  # resources exceeded for this tile: skip it
                     print(json.dumps({"skipped": str(config), "error": str(error)[:200]}), flush=True)
                     continue
