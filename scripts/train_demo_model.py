@@ -149,7 +149,8 @@ def pair_corpus(tokenizer: GLMTokenizer, pairs_file: Path, pair_share: float, ph
 
     return {"template": TEMPLATE, "source": payload["source"], "settings": payload["settings"],
             "pair_share": pair_share, "phrase_share": phrase_share, "train_pairs": len(train_pairs),
-            "phrases": len(phrases), "documents": len(texts), "heldout": items(heldout), "memory": items(memory[:MEMORY_SAMPLE])}
+            "phrases": len(phrases), "documents": len(texts), "heldout": items(heldout),
+            "memory": items(memory[:MEMORY_SAMPLE])}
 
 
 def save_corpus(corpus: dict, path: Path) -> None:

@@ -283,7 +283,7 @@ if triton is not None:
             tl.atomic_add(out_ptrs, total, mask=n_ok)  # fp32 buffer; bias and cast happen after
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def supports(weight: torch.Tensor) -> bool:
     """True when the GEMV can take this int8 (or INT4-packed) weight: whole 32-bit words per row, aligned."""
     return (triton is not None and weight.dim() == 2 and weight.shape[1] % 4 == 0 and weight.stride(1) == 1
             and weight.stride(0) % 4 == 0 and weight.data_ptr() % 4 == 0)

@@ -346,7 +346,7 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
     x2 = x.reshape(-1, k)  # (m, k); strides are passed, so no copy is needed for a view
     m = x2.shape[0]
     config = config or default_config(m, n, k, bits)
-    if config.block_m == 1 and gemv.supports(x2, weight):
+    if config.block_m == 1 and gemv.supports(weight):
         return gemv.int_gemv(x2, weight, scale, bias, bits, config).reshape(*lead, n)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
     fast_unpack = _unpack_mode(bits, x.dtype, x.is_cuda) if config.fast_unpack else 0
