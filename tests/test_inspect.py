@@ -295,7 +295,10 @@ def test_cluster_patching_equals_one_process_and_self_patching_is_exact(cluster,
     local = pipeline.patch(clean, corrupted, target, **kwargs)
     labels = ["site", "layer", "position", "input_token"]
     assert remote[labels].equals(local[labels])
-    assert (remote["patched_logprob"] - local["patched_logprob"]).abs().max() <= 1e-5
+    # Two ranks sum each row-parallel matmul in halves, so fp32 rounds in another order: against the same model in
+    # fp64 the one-process run is 4.8e-6 off and the cluster 9.5e-6 (logprobs near -7.4, 0.5e-6 an ulp), and the
+    # gap between them follows the CPU's vector width (9.5e-6 on an AMD EPYC, 1.24e-5 on CI's machine).
+    assert (remote["patched_logprob"] - local["patched_logprob"]).abs().max() <= 5e-5
     assert (remote["patched_logprob"] - remote["corrupted_logprob"]).abs().max() > 0.1  # patches took effect
     assert (cluster.patch(clean, clean, target, **kwargs)["logprob_change"] == 0).all()
 

@@ -18,9 +18,12 @@ from glmkit.generate.scoring import ContinuationScore, ScoreRequest, Tokens
 from glmkit.serve.cluster import GLMCluster
 
 TOL = 1e-5
-# Packed rows are other matrix shapes than one choice alone, so fp32 rounds differently in every layer: on the
-# demo model (logits up to ~30) their log-probabilities agree to about 2e-6 relative, 1.6e-5 absolute at most.
-PACKED_TOL = 5e-5
+# Packed rows are other matrix shapes than one choice alone, and a 2-rank cluster sums each row-parallel matmul in
+# two halves, so fp32 rounds differently in every layer: on the demo model (logits up to ~30) their
+# log-probabilities agree to about 2e-6 relative, 1.6e-5 absolute at most. The rounding order also follows the
+# CPU's vector width, so a bound near the gap seen on one machine fails on another (the cluster's gap was 7.6e-6
+# on an AMD EPYC, up to 1.24e-5 in the patching test on CI's machine).
+REORDERED_TOL = 5e-5
 
 
 def _close(a: ContinuationScore, b: ContinuationScore, tol: float = TOL) -> None:
@@ -119,8 +122,8 @@ def test_packed_choices_equal_each_choice_scored_alone(pipeline, tokenizer, opti
     for i, context in enumerate(contexts):
         for j, choice in enumerate(choices):
             alone = pipeline.score(context, choice, **options)
-            _close(packed[i][j], alone, PACKED_TOL)
-            _close(small[i][j], alone, PACKED_TOL)
+            _close(packed[i][j], alone, REORDERED_TOL)
+            _close(small[i][j], alone, REORDERED_TOL)
 
 
 def test_unidirectional_reads_left_to_right(pipeline, tokenizer):
@@ -324,11 +327,11 @@ def test_tensor_parallel_scores_equal_the_pipeline(cluster, pipeline):
         local = pipeline.score(contexts, continuations, **options)
         for r, l in zip(remote, local):
             for a, b in zip(r if isinstance(r, list) else [r], l if isinstance(l, list) else [l]):
-                _close(a, b)
+                _close(a, b, REORDERED_TOL)
     remote = cluster.score(["x = 1\n", ""], ["y = 2", "import os"], unidirectional=True, use_task_mask=True)
     local = pipeline.score(["x = 1\n", ""], ["y = 2", "import os"], unidirectional=True, use_task_mask=True)
     for a, b in zip(remote, local):
-        _close(a, b)
+        _close(a, b, REORDERED_TOL)
     single = cluster.score("English: house German:", "Haus")
     assert isinstance(single, ContinuationScore)
     with pytest.raises(ValueError, match=r"continuations is an empty list"):
